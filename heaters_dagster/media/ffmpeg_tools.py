@@ -1,0 +1,83 @@
+"""Locating and running ffmpeg/ffprobe.
+
+The binaries come from the system (the setup installs Debian's ``ffmpeg`` package); they can be
+overridden with ``HEATERS_FFMPEG`` / ``HEATERS_FFPROBE``. Every invocation goes through
+:func:`run` so that failures raise :class:`~heaters_dagster.errors.FFmpegError` with the tail of
+ffmpeg's own message, and a process-wide semaphore bounds how many ffmpeg processes run at once
+(the old system was OOM-killed by many concurrent encodes).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import threading
+from functools import lru_cache
+from typing import Sequence
+
+from heaters_dagster.errors import FFmpegError
+
+_MAX_CONCURRENT = int(os.environ.get("HEATERS_MAX_FFMPEG", "2"))
+_slots = threading.BoundedSemaphore(max(1, _MAX_CONCURRENT))
+
+
+@lru_cache(maxsize=None)
+def ffmpeg_bin() -> str:
+    return _find("HEATERS_FFMPEG", "ffmpeg")
+
+
+@lru_cache(maxsize=None)
+def ffprobe_bin() -> str:
+    return _find("HEATERS_FFPROBE", "ffprobe")
+
+
+def _find(env: str, name: str) -> str:
+    path = os.environ.get(env) or shutil.which(name)
+    if not path:
+        raise FFmpegError(
+            f"{name} not found on PATH; run the setup (scripts/setup.sh installs Debian's ffmpeg) "
+            f"or set {env}",
+            permanent=False,
+        )
+    return path
+
+
+def _tail(text: str, lines: int = 6) -> str:
+    kept = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return "\n".join(kept[-lines:])
+
+
+def run(
+    args: Sequence[str],
+    *,
+    what: str,
+    timeout: float | None = None,
+    capture_stdout: bool = True,
+) -> subprocess.CompletedProcess[bytes]:
+    """Run ffmpeg/ffprobe (``args[0]`` is the binary) and raise FFmpegError on failure.
+
+    ``what`` names the operation in the error message ("normalise source video 12").
+    """
+    with _slots:
+        try:
+            proc = subprocess.run(
+                list(args),
+                stdout=subprocess.PIPE if capture_stdout else subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                timeout=timeout,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise FFmpegError(f"{what}: timed out after {timeout:.0f}s", permanent=False) from exc
+    if proc.returncode != 0:
+        stderr = proc.stderr.decode("utf-8", "replace")
+        # Killed by a signal (OOM killer, operator): the input is not at fault.
+        permanent = proc.returncode > 0
+        raise FFmpegError(f"{what}: {_tail(stderr) or f'exit code {proc.returncode}'}", stderr=stderr, permanent=permanent)
+    return proc
+
+
+def slot() -> threading.BoundedSemaphore:
+    """The semaphore bounding concurrent ffmpeg processes, for callers that stream via Popen."""
+    return _slots
