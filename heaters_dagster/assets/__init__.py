@@ -1,0 +1,1 @@
+"""Software-defined assets, one per stage of the stage table (built by ``factory.py``)."""

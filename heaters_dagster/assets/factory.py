@@ -1,0 +1,101 @@
+"""Build one partitioned asset per stage from the stage table.
+
+Each asset is a thin call into the generic executor. A run may cover many partitions (a range of
+the stage's dynamic partitions: the sensors request ranges, the UI can backfill ranges); every
+item that succeeds gets its own materialization with its own metadata, an item that fails gets
+none. Transient failures make the step raise after the others are saved, so the asset's
+RetryPolicy (exponential backoff, jitter) retries just those; permanent failures fail the run
+without retry, after every other item of the run has been processed.
+"""
+
+
+from typing import Any, Iterator
+
+import dagster as dg
+
+from heaters_dagster.pipeline.handlers import thumbnail_markdown
+from heaters_dagster.pipeline.outputs import BatchReport, ItemOutput
+from heaters_dagster.stages import STAGES, Stage, get_stage
+
+
+class TransientStageError(Exception):
+    """Raised at the end of a run in which some items hit a transient error (RetryPolicy retries)."""
+
+
+def partitions_def_for(stage: Stage) -> dg.DynamicPartitionsDefinition:
+    return dg.DynamicPartitionsDefinition(name=stage.partitions_name)
+
+
+def _metadata_value(value: Any) -> Any:
+    if isinstance(value, bool) or value is None:
+        return dg.MetadataValue.text(str(value))
+    if isinstance(value, int):
+        return dg.MetadataValue.int(value)
+    if isinstance(value, float):
+        return dg.MetadataValue.float(round(value, 4))
+    return dg.MetadataValue.text(str(value))
+
+
+def item_metadata(stage: Stage, item_id: int, out: ItemOutput, seconds: float) -> dict[str, Any]:
+    md: dict[str, Any] = {f"{stage.entity}_id": dg.MetadataValue.int(item_id),
+                          "duration_s": dg.MetadataValue.float(round(seconds, 3))}
+    md.update({k: _metadata_value(v) for k, v in out.metadata.items()})
+    if out.thumbnail_jpeg:
+        md["preview"] = dg.MetadataValue.md(thumbnail_markdown(out.thumbnail_jpeg, f"{stage.name} {item_id}"))
+    return md
+
+
+def report_summary(report: BatchReport) -> str:
+    lines = [f"{report.stage}: {len(report.succeeded)} succeeded, {len(report.permanent)} failed, "
+             f"{len(report.transient)} to retry, {len(report.skipped)} skipped"]
+    lines += [f"  {i}: {m}" for i, m in sorted(report.permanent.items())]
+    lines += [f"  {i} (transient): {m}" for i, m in sorted(report.transient.items())]
+    return "\n".join(lines)
+
+
+def build_stage_asset(stage: Stage) -> dg.AssetsDefinition:
+    @dg.asset(
+        name=stage.asset_name,
+        partitions_def=partitions_def_for(stage),
+        group_name="pipeline",
+        description=stage.description,
+        required_resource_keys={"executor", stage.io_manager_key},
+        io_manager_key=stage.io_manager_key,
+        output_required=False,
+        retry_policy=dg.RetryPolicy(max_retries=stage.max_retries, delay=stage.retry_delay_s,
+                                    backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS),
+        backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=stage.max_partitions_per_run),
+        kinds=set(stage.kinds),
+        metadata={"entity": stage.entity, "input_states": ", ".join(stage.input_states),
+                  "in_progress_state": stage.in_progress_state, "output_state": stage.output_state,
+                  "failure_state": stage.failure_state},
+    )
+    def _stage_asset(context: dg.AssetExecutionContext) -> Iterator[Any]:
+        ids = [int(k) for k in context.partition_keys]
+        report = context.resources.executor.execute(
+            stage, ids, getattr(context.resources, stage.io_manager_key), log=context.log,
+            attempt=context.retry_number, run_id=context.run_id,
+        )
+        if stage.registers_for and report.new_clip_ids:
+            context.instance.add_dynamic_partitions(
+                get_stage(stage.registers_for).partitions_name, [str(i) for i in report.new_clip_ids]
+            )
+        for item_id, out in report.succeeded.items():
+            yield dg.AssetMaterialization(
+                asset_key=context.asset_key, partition=str(item_id),
+                metadata=item_metadata(stage, item_id, out, report.durations.get(item_id, 0.0)),
+            )
+        summary = report_summary(report)
+        context.log.info(summary)
+        if report.transient:
+            raise TransientStageError(summary)
+        if report.permanent:
+            raise dg.Failure(description=summary, allow_retries=False,
+                             metadata={"failed_ids": dg.MetadataValue.text(
+                                 ", ".join(str(i) for i in sorted(report.permanent)))})
+
+    return _stage_asset
+
+
+def build_stage_assets(stages: tuple[Stage, ...] = STAGES) -> list[dg.AssetsDefinition]:
+    return [build_stage_asset(s) for s in stages]

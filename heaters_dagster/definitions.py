@@ -1,0 +1,36 @@
+"""The Dagster code location: assets and sensors built from the stage table, plus resources."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from heaters_dagster.assets.factory import build_stage_assets
+from heaters_dagster.io_managers.artifacts import ArtifactIOManager
+from heaters_dagster.resources.database import DatabaseResource
+from heaters_dagster.resources.executor import StageExecutor
+from heaters_dagster.resources.storage import StorageResource
+from heaters_dagster.sensors.factory import build_stage_sensors
+
+
+def default_resources(database_url: str | None = None, storage_url: str | None = None,
+                      **executor_config: object) -> dict[str, object]:
+    database = DatabaseResource(url=database_url)
+    storage = StorageResource(url=storage_url)
+    return {
+        "database": database,
+        "storage": storage,
+        "executor": StageExecutor(database=database, storage=storage, **executor_config),
+        "artifact_io_manager": ArtifactIOManager(database=database, storage=storage),
+        "video_io_manager": ArtifactIOManager(database=database, storage=storage),
+    }
+
+
+def build_definitions(**resource_overrides: object) -> dg.Definitions:
+    return dg.Definitions(
+        assets=build_stage_assets(),
+        sensors=build_stage_sensors(),
+        resources=default_resources(**resource_overrides),  # type: ignore[arg-type]
+    )
+
+
+defs = build_definitions()

@@ -1,0 +1,110 @@
+"""Stage handlers: the thin glue between a claimed item and a pure media function.
+
+Each handler takes the item context (scratch folder, store, parameters) and a snapshot of the
+claimed row, calls one media function, and describes what to persist in an ItemOutput. Handlers
+never touch the database or Dagster; the executor and the IO managers do.
+"""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Any
+
+from heaters_dagster import storage_keys
+from heaters_dagster.errors import PermanentError
+from heaters_dagster.pipeline.outputs import ArtifactOut, FileToStore, ItemOutput, ItemSnapshot, NewClipOut
+
+
+def _pick(params: dict[str, Any], *names: str) -> dict[str, Any]:
+    return {n: params[n] for n in names if params.get(n) is not None}
+
+
+# -- video stages ------------------------------------------------------------------------------
+def ingest(ctx: Any, item: ItemSnapshot) -> ItemOutput:
+    from heaters_dagster.media.fetch import download_url
+    from heaters_dagster.media.normalize import normalize
+
+    out_path = ctx.workdir / "normalized.mp4"
+    files: list[FileToStore] = []
+    if item["source_kind"] == "url":
+        ctx.info(item, "downloading %s", item["source_uri"])
+        dl = download_url(item["source_uri"], ctx.workdir / "download", basename="original")
+        res = normalize(dl.path, out_path, **_pick(ctx.params, "crf", "preset", "audio_bitrate"))
+        title = item["title"] or dl.title
+    else:
+        if not item["original_key"]:
+            raise PermanentError(f"video {item.id} has no stored original file")
+        with ctx.store.local_copy(item["original_key"]) as src:
+            res = normalize(src, out_path, **_pick(ctx.params, "crf", "preset", "audio_bitrate"))
+        title = item["title"]
+    key = storage_keys.source_normalized(item.id)
+    files.append(FileToStore(key, out_path))
+    p = res.output
+    frame_count = p.frame_count or int(round(p.duration_s * p.fps))
+    return ItemOutput(
+        item_id=item.id,
+        files=files,
+        updates={"normalized_key": key, "duration_s": p.duration_s, "fps": p.fps, "width": p.width,
+                 "height": p.height, "frame_count": frame_count, "title": title},
+        metadata={"duration_s": p.duration_s, "fps": p.fps, "resolution": f"{p.width}x{p.height}",
+                  "frames": frame_count, "bytes": res.size_bytes, "input_codec": res.input.video_codec},
+        result=res,
+    )
+
+
+def splice(ctx: Any, item: ItemSnapshot) -> ItemOutput:
+    from heaters_dagster.media.clips import cut_clips
+    from heaters_dagster.media.scenes import detect_scenes
+
+    if not item["normalized_key"]:
+        raise PermanentError(f"video {item.id} has no normalised file; run ingest first")
+    fps = float(item["fps"])
+    with ctx.store.local_copy(item["normalized_key"]) as src:
+        det = detect_scenes(src, fps=fps, **_pick(ctx.params, "threshold", "min_scene_s"))
+        spans = [(s.start_frame, s.end_frame) for s in det.scenes]
+        ctx.info(item, "%d cuts, %d scenes kept, %d dropped as too short", len(det.cut_frames), len(spans),
+                 len(det.dropped))
+        cut = cut_clips(src, spans, ctx.workdir / "clips", fps=fps,
+                        **_pick(ctx.params, "crf", "preset", "audio_bitrate")) if spans else None
+    new_clips = [
+        NewClipOut(
+            start_frame=c.start_frame, end_frame=c.end_frame, start_s=c.start_s, end_s=c.end_s, fps=fps,
+            file=FileToStore(storage_keys.clip_file(item.id, c.start_frame, c.end_frame), c.path),
+        )
+        for c in (cut.clips if cut else ())
+    ]
+    return ItemOutput(
+        item_id=item.id,
+        updates={"frame_count": det.frame_count},
+        new_clips=new_clips,
+        metadata={"cuts": len(det.cut_frames), "clips": len(new_clips), "dropped_scenes": len(det.dropped),
+                  "frames": det.frame_count, "detect_s": round(det.decode_seconds, 3),
+                  "clip_bytes": sum(c.size_bytes for c in cut.clips) if cut else 0},
+        result=det,
+    )
+
+
+# -- clip stages -------------------------------------------------------------------------------
+def sprite(ctx: Any, item: ItemSnapshot) -> ItemOutput:
+    from heaters_dagster.media.sprite import make_sprite
+
+    out = ctx.workdir / "sprite.jpg"
+    with ctx.store.local_copy(item["file_key"]) as clip_path:
+        res = make_sprite(clip_path, out, **_pick(ctx.params, "tile_width", "max_fps", "jpeg_qscale"))
+    layout = res.layout.to_dict()
+    return ItemOutput(
+        item_id=item.id,
+        artifacts=[ArtifactOut("sprite", FileToStore(storage_keys.sprite(item.id), Path(res.path)),
+                               metadata=layout)],
+        metadata={"sprite_bytes": res.size_bytes, "frames": res.layout.frame_count,
+                  "grid": f"{res.layout.cols}x{res.layout.rows}", "sheet": f"{res.layout.sheet_width}x"
+                  f"{res.layout.sheet_height}", "effective_fps": res.layout.effective_fps},
+        thumbnail_jpeg=res.thumbnail_jpeg,
+        result=res,
+    )
+
+
+def thumbnail_markdown(jpeg: bytes, alt: str) -> str:
+    """Dagster has no image metadata type: a small JPEG embedded in markdown shows in the UI."""
+    return f"![{alt}](data:image/jpeg;base64,{base64.b64encode(jpeg).decode('ascii')})"

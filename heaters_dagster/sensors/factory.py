@@ -1,0 +1,122 @@
+"""One sensor per stage, built from the stage table.
+
+Each tick reads the items in the stage's input state (and those in flight), registers their
+dynamic partitions, and requests runs over *ranges* of those partitions (at most
+``max_partitions_per_run`` each), so a run's cost per clip is the media work, not the launch.
+
+Nothing is requested twice: the cursor remembers ``id -> version`` for every item requested and
+not yet finished; an item is requested again only when its version changes (a deliberate
+re-queue bumps it). Run keys carry the ids and versions as well, so even a lost cursor cannot
+launch the same work twice.
+"""
+
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import dagster as dg
+from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+from sqlalchemy import select
+
+from heaters_dagster.pipeline.items import MODELS
+from heaters_dagster.resources.database import DatabaseResource
+from heaters_dagster.stages import STAGES, Stage
+
+SCAN_LIMIT = 5000
+MAX_RUNS_PER_TICK = 20
+
+
+@dataclass
+class StageCursor:
+    requested: dict[str, int] = field(default_factory=dict)  # item id -> version requested
+
+    @classmethod
+    def parse(cls, raw: "str | None") -> "StageCursor":
+        if not raw:
+            return cls()
+        data = json.loads(raw)
+        return cls(requested={str(k): int(v) for k, v in data.get("requested", {}).items()})
+
+    def dump(self) -> str:
+        return json.dumps({"requested": self.requested}, sort_keys=True)
+
+
+def contiguous_chunks(keys_in_order: Sequence[str], wanted: Sequence[str], max_len: int) -> list[list[str]]:
+    """Group ``wanted`` keys into runs that are contiguous in ``keys_in_order`` (the partition
+    order), each at most ``max_len`` long. A range run covers exactly its chunk's keys."""
+    pos = {k: i for i, k in enumerate(keys_in_order)}
+    ordered = sorted(wanted, key=lambda k: pos[k])
+    chunks: list[list[str]] = []
+    for k in ordered:
+        if chunks and pos[k] == pos[chunks[-1][-1]] + 1 and len(chunks[-1]) < max_len:
+            chunks[-1].append(k)
+        else:
+            chunks.append([k])
+    return chunks
+
+
+def run_request_for(stage: Stage, asset_key: dg.AssetKey, chunk: list[str], versions: dict[str, int]) -> dg.RunRequest:
+    if len(chunk) == 1:
+        return dg.RunRequest(run_key=stage.run_key(int(chunk[0]), versions[chunk[0]]), partition_key=chunk[0],
+                             asset_selection=[asset_key], tags={"heaters/stage": stage.name})
+    digest = hashlib.sha1(",".join(f"{k}:{versions[k]}" for k in chunk).encode()).hexdigest()[:12]
+    return dg.RunRequest(
+        run_key=f"{stage.name}:{chunk[0]}-{chunk[-1]}:{digest}",
+        asset_selection=[asset_key],
+        tags={ASSET_PARTITION_RANGE_START_TAG: chunk[0], ASSET_PARTITION_RANGE_END_TAG: chunk[-1],
+              "heaters/stage": stage.name, "heaters/items": str(len(chunk))},
+    )
+
+
+def evaluate_stage_sensor(context: Any, stage: Stage, database: DatabaseResource) -> dg.SensorResult:
+    cursor = StageCursor.parse(context.cursor)
+    model = MODELS[stage.entity]
+    watched = (*stage.input_states, stage.in_progress_state)
+    with database.session() as session:
+        rows = session.execute(
+            select(model.id, model.version, model.state).where(model.state.in_(watched)).order_by(model.id)
+            .limit(SCAN_LIMIT)
+        ).all()
+    ready = {str(r.id): r.version for r in rows
+             if r.state in stage.input_states and cursor.requested.get(str(r.id)) != r.version}
+    # Forget items that finished or failed; keep those still ready or in flight.
+    live = {str(r.id) for r in rows}
+    cursor.requested = {k: v for k, v in cursor.requested.items() if k in live}
+
+    existing = context.instance.get_dynamic_partitions(stage.partitions_name)
+    known = set(existing)
+    new_keys = [k for k in sorted(ready, key=int) if k not in known]
+    order = list(existing) + new_keys
+    chunks = contiguous_chunks(order, list(ready), stage.max_partitions_per_run)[:MAX_RUNS_PER_TICK]
+    asset_key = dg.AssetKey(stage.asset_name)
+    requests = [run_request_for(stage, asset_key, chunk, ready) for chunk in chunks]
+    for chunk in chunks:
+        for k in chunk:
+            cursor.requested[k] = ready[k]
+    partition_requests = [dg.AddDynamicPartitionsRequest(stage.partitions_name, new_keys)] if new_keys else []
+    if not requests:
+        return dg.SensorResult(skip_reason=dg.SkipReason(f"no {stage.entity}s ready for {stage.name}"),
+                               dynamic_partitions_requests=partition_requests, cursor=cursor.dump())
+    return dg.SensorResult(run_requests=requests, dynamic_partitions_requests=partition_requests,
+                           cursor=cursor.dump())
+
+
+def build_stage_sensor(stage: Stage, *, minimum_interval_seconds: int = 5) -> dg.SensorDefinition:
+    @dg.sensor(
+        name=f"{stage.name}_sensor",
+        asset_selection=[dg.AssetKey(stage.asset_name)],
+        minimum_interval_seconds=minimum_interval_seconds,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description=f"Requests `{stage.name}` runs for {stage.entity}s in state "
+        f"{' / '.join(stage.input_states)} (ranges of at most {stage.max_partitions_per_run} partitions).",
+    )
+    def _stage_sensor(context: dg.SensorEvaluationContext, database: DatabaseResource) -> dg.SensorResult:
+        return evaluate_stage_sensor(context, stage, database)
+
+    return _stage_sensor
+
+
+def build_stage_sensors(stages: tuple[Stage, ...] = STAGES) -> list[dg.SensorDefinition]:
+    return [build_stage_sensor(s) for s in stages]

@@ -1,0 +1,114 @@
+"""The stage table: every pipeline stage declared once, as data.
+
+Sensors, assets and the generic executor are built from these entries; a stage has no
+boilerplate of its own. Adding a stage is one entry here and one handler function in
+``heaters_dagster/pipeline/handlers.py`` (which calls a pure media function).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from importlib import import_module
+from typing import Any, Callable
+
+from heaters_dagster.state_machine import ClipState as C
+from heaters_dagster.state_machine import VideoState as V
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    entity: str  # "video" or "clip": the partition key is that row's id
+    input_states: tuple[str, ...]  # ready to run (the first is where a transient failure returns)
+    in_progress_state: str
+    output_state: str
+    failure_state: str
+    handler: str  # "module:function"; per item (ItemContext, ItemSnapshot) -> ItemOutput
+    description: str
+    io_manager_key: str = "artifact_io_manager"
+    batch_handler: bool = False  # handler takes (ctx, [items]) -> {id: ItemOutput | Exception}
+    max_partitions_per_run: int = 50  # how many partitions one run covers at most
+    max_retries: int = 3  # transient failures: RetryPolicy with exponential backoff and jitter
+    retry_delay_s: float = 2.0
+    registers_for: str | None = None  # a stage whose partitions this stage's new clips join
+    params: dict[str, Any] = field(default_factory=dict)  # defaults, overridable in the executor config
+    kinds: tuple[str, ...] = ("ffmpeg",)
+
+    @property
+    def partitions_name(self) -> str:
+        return f"{self.name}_{self.entity}s"
+
+    @property
+    def asset_name(self) -> str:
+        return self.name
+
+    @property
+    def retry_state(self) -> str:
+        return self.input_states[0]
+
+    @cached_property
+    def handler_fn(self) -> Callable[..., Any]:
+        module, _, attr = self.handler.partition(":")
+        return getattr(import_module(module), attr)
+
+    def run_key(self, item_id: int, version: int) -> str:
+        return f"{self.name}:{item_id}:v{version}"
+
+
+_H = "heaters_dagster.pipeline.handlers"
+
+STAGES: tuple[Stage, ...] = (
+    Stage(
+        name="ingest",
+        entity="video",
+        input_states=(V.NEW,),
+        in_progress_state=V.DOWNLOADING,
+        output_state=V.DOWNLOADED,
+        failure_state=V.INGESTION_FAILED,
+        handler=f"{_H}:ingest",
+        description="Fetch the submitted video (yt-dlp for URLs), validate it with ffprobe and "
+        "normalise it to constant-frame-rate H.264/AAC MP4 with faststart.",
+        io_manager_key="video_io_manager",
+        max_partitions_per_run=4,
+        params={"crf": 20, "preset": "fast", "audio_bitrate": "192k"},
+        kinds=("ffmpeg", "yt-dlp"),
+    ),
+    Stage(
+        name="splice",
+        entity="video",
+        input_states=(V.DOWNLOADED,),
+        in_progress_state=V.SPLICING,
+        output_state=V.SPLICED,
+        failure_state=V.SPLICING_FAILED,
+        handler=f"{_H}:splice",
+        description="Detect scenes on a downscaled decode stream and cut one H.264/AAC file per scene; "
+        "clips are inserted as `spliced` and their sprite partitions registered.",
+        io_manager_key="video_io_manager",
+        max_partitions_per_run=4,
+        registers_for="sprite",
+        params={"threshold": None, "min_scene_s": 1.0, "crf": 23, "preset": "veryfast", "audio_bitrate": "128k"},
+    ),
+    Stage(
+        name="sprite",
+        entity="clip",
+        input_states=(C.SPLICED,),
+        in_progress_state=C.GENERATING_SPRITE,
+        output_state=C.PENDING_REVIEW,
+        failure_state=C.SPRITE_FAILED,
+        handler=f"{_H}:sprite",
+        description="Render the clip as a JPEG sprite sheet for the review page (layout stored with "
+        "the artifact); the clip moves to `pending_review`.",
+        max_partitions_per_run=100,
+        params={"tile_width": 480, "max_fps": 24.0, "jpeg_qscale": 3},
+    ),
+)
+
+STAGES_BY_NAME: dict[str, Stage] = {s.name: s for s in STAGES}
+
+
+def get_stage(name: str) -> Stage:
+    try:
+        return STAGES_BY_NAME[name]
+    except KeyError:
+        raise KeyError(f"unknown stage {name!r}; stages: {', '.join(STAGES_BY_NAME)}") from None
