@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from heaters_dagster.assets.factory import build_stage_assets
+from heaters_dagster.assets.factory import build_stage_assets, build_stage_jobs
 from heaters_dagster.io_managers.artifacts import ArtifactIOManager
 from heaters_dagster.resources.database import DatabaseResource
 from heaters_dagster.resources.executor import StageExecutor
@@ -28,6 +28,7 @@ def default_resources(database_url: str | None = None, storage_url: str | None =
 def build_definitions(**resource_overrides: object) -> dg.Definitions:
     return dg.Definitions(
         assets=build_stage_assets(),
+        jobs=build_stage_jobs(),
         sensors=build_stage_sensors(),
         resources=default_resources(**resource_overrides),  # type: ignore[arg-type]
     )

@@ -99,3 +99,17 @@ def build_stage_asset(stage: Stage) -> dg.AssetsDefinition:
 
 def build_stage_assets(stages: tuple[Stage, ...] = STAGES) -> list[dg.AssetsDefinition]:
     return [build_stage_asset(s) for s in stages]
+
+
+def job_name(stage: Stage) -> str:
+    return f"{stage.name}_job"
+
+
+def build_stage_job(stage: Stage) -> "dg.JobDefinition | object":
+    """One job per stage (what its sensor launches and what the UI shows per stage)."""
+    return dg.define_asset_job(job_name(stage), selection=[stage.asset_name], partitions_def=partitions_def_for(stage),
+                               tags={"heaters/stage": stage.name})
+
+
+def build_stage_jobs(stages: tuple[Stage, ...] = STAGES) -> list:
+    return [build_stage_job(s) for s in stages]

@@ -20,6 +20,7 @@ import dagster as dg
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 from sqlalchemy import select
 
+from heaters_dagster.assets.factory import job_name
 from heaters_dagster.pipeline.items import MODELS
 from heaters_dagster.resources.database import DatabaseResource
 from heaters_dagster.stages import STAGES, Stage
@@ -57,14 +58,13 @@ def contiguous_chunks(keys_in_order: Sequence[str], wanted: Sequence[str], max_l
     return chunks
 
 
-def run_request_for(stage: Stage, asset_key: dg.AssetKey, chunk: list[str], versions: dict[str, int]) -> dg.RunRequest:
+def run_request_for(stage: Stage, chunk: list[str], versions: dict[str, int]) -> dg.RunRequest:
     if len(chunk) == 1:
         return dg.RunRequest(run_key=stage.run_key(int(chunk[0]), versions[chunk[0]]), partition_key=chunk[0],
-                             asset_selection=[asset_key], tags={"heaters/stage": stage.name})
+                             tags={"heaters/stage": stage.name})
     digest = hashlib.sha1(",".join(f"{k}:{versions[k]}" for k in chunk).encode()).hexdigest()[:12]
     return dg.RunRequest(
         run_key=f"{stage.name}:{chunk[0]}-{chunk[-1]}:{digest}",
-        asset_selection=[asset_key],
         tags={ASSET_PARTITION_RANGE_START_TAG: chunk[0], ASSET_PARTITION_RANGE_END_TAG: chunk[-1],
               "heaters/stage": stage.name, "heaters/items": str(len(chunk))},
     )
@@ -90,8 +90,7 @@ def evaluate_stage_sensor(context: Any, stage: Stage, database: DatabaseResource
     new_keys = [k for k in sorted(ready, key=int) if k not in known]
     order = list(existing) + new_keys
     chunks = contiguous_chunks(order, list(ready), stage.max_partitions_per_run)[:MAX_RUNS_PER_TICK]
-    asset_key = dg.AssetKey(stage.asset_name)
-    requests = [run_request_for(stage, asset_key, chunk, ready) for chunk in chunks]
+    requests = [run_request_for(stage, chunk, ready) for chunk in chunks]
     for chunk in chunks:
         for k in chunk:
             cursor.requested[k] = ready[k]
@@ -106,7 +105,7 @@ def evaluate_stage_sensor(context: Any, stage: Stage, database: DatabaseResource
 def build_stage_sensor(stage: Stage, *, minimum_interval_seconds: int = 5) -> dg.SensorDefinition:
     @dg.sensor(
         name=f"{stage.name}_sensor",
-        asset_selection=[dg.AssetKey(stage.asset_name)],
+        job_name=job_name(stage),
         minimum_interval_seconds=minimum_interval_seconds,
         default_status=dg.DefaultSensorStatus.RUNNING,
         description=f"Requests `{stage.name}` runs for {stage.entity}s in state "
