@@ -1,0 +1,110 @@
+"""Stage sensors through build_sensor_context with a test instance: partitions registered, each
+ready item requested once across ticks, again after a deliberate re-queue, batched into ranges."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import dagster as dg
+from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+
+from heaters_dagster.sensors.factory import build_stage_sensor, contiguous_chunks
+from heaters_dagster.stages import get_stage
+from heaters_dagster.state_machine import transition
+from heaters_dagster_tests.factories import make_clips, make_video
+
+SPRITE = get_stage("sprite")
+
+
+def _tick(sensor, instance, db, cursor):
+    with dg.build_sensor_context(instance=instance, cursor=cursor, resources={"database": db}) as ctx:
+        result = sensor(ctx)
+    for req in result.dynamic_partitions_requests or []:
+        instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
+    return result
+
+
+def _partitions(req):
+    if req.partition_key:
+        return [req.partition_key]
+    return [req.tags[ASSET_PARTITION_RANGE_START_TAG], req.tags[ASSET_PARTITION_RANGE_END_TAG]]
+
+
+def test_registers_partitions_and_requests_each_ready_item_once(db, instance):
+    sensor = build_stage_sensor(SPRITE)
+    vid = make_video(db)
+    ids = make_clips(db, vid, [(0, 24), (24, 48), (48, 72)])
+    make_clips(db, vid, [(72, 96)], state="pending_review")  # not ready: never requested
+
+    r1 = _tick(sensor, instance, db, None)
+    assert instance.get_dynamic_partitions(SPRITE.partitions_name) == [str(i) for i in ids]
+    assert len(r1.run_requests) == 1  # one run covers all three clips
+    assert _partitions(r1.run_requests[0]) == [str(ids[0]), str(ids[-1])]
+
+    r2 = _tick(sensor, instance, db, r1.cursor)  # nothing changed: nothing requested
+    assert not r2.run_requests
+    r3 = _tick(sensor, instance, db, r2.cursor)
+    assert not r3.run_requests
+
+    (new,) = make_clips(db, vid, [(96, 120)])  # a newly ready clip alone is requested
+    r4 = _tick(sensor, instance, db, r3.cursor)
+    assert [_partitions(r) for r in r4.run_requests] == [[str(new)]]
+    assert r4.run_requests[0].run_key == SPRITE.run_key(new, 0)
+
+
+def test_deliberate_requeue_requests_again_with_new_run_key(db, instance):
+    sensor = build_stage_sensor(SPRITE)
+    vid = make_video(db)
+    (cid,) = make_clips(db, vid, [(0, 24)])
+    r1 = _tick(sensor, instance, db, None)
+    assert [r.run_key for r in r1.run_requests] == [SPRITE.run_key(cid, 0)]
+    with db.session() as s:  # the run fails the clip, an operator re-queues it
+        transition(s, "clip", cid, "spliced", "generating_sprite")
+        transition(s, "clip", cid, "generating_sprite", "sprite_failed", error="x")
+    r2 = _tick(sensor, instance, db, r1.cursor)
+    assert not r2.run_requests
+    with db.session() as s:
+        transition(s, "clip", cid, "sprite_failed", "spliced", bump_version=True, clear_error=True)
+    r3 = _tick(sensor, instance, db, r2.cursor)
+    assert [r.run_key for r in r3.run_requests] == [SPRITE.run_key(cid, 1)]
+    assert instance.get_dynamic_partitions(SPRITE.partitions_name) == [str(cid)]  # not registered twice
+
+
+def test_in_flight_item_returning_to_ready_for_a_retry_is_not_requested_again(db, instance):
+    sensor = build_stage_sensor(SPRITE)
+    vid = make_video(db)
+    (cid,) = make_clips(db, vid, [(0, 24)])
+    r1 = _tick(sensor, instance, db, None)
+    with db.session() as s:  # claimed, then a transient error puts it back (RetryPolicy retries it)
+        transition(s, "clip", cid, "spliced", "generating_sprite")
+    r2 = _tick(sensor, instance, db, r1.cursor)
+    with db.session() as s:
+        transition(s, "clip", cid, "generating_sprite", "spliced", error="transient", bump_retry=True)
+    r3 = _tick(sensor, instance, db, r2.cursor)
+    assert not r2.run_requests and not r3.run_requests
+
+
+def test_many_ready_items_are_split_into_ranges_of_bounded_size(db, instance):
+    stage = dataclasses.replace(SPRITE, max_partitions_per_run=4)
+    sensor = build_stage_sensor(stage)
+    vid = make_video(db)
+    ids = make_clips(db, vid, [(i * 24, i * 24 + 24) for i in range(10)])
+    r = _tick(sensor, instance, db, None)
+    ranges = [_partitions(q) for q in r.run_requests]
+    assert ranges == [[str(ids[0]), str(ids[3])], [str(ids[4]), str(ids[7])], [str(ids[8]), str(ids[9])]]
+    assert len({q.run_key for q in r.run_requests}) == 3
+
+
+def test_contiguous_chunks_never_span_a_gap():
+    order = ["1", "2", "3", "4", "5", "6"]
+    assert contiguous_chunks(order, ["1", "2", "4", "5", "6"], 2) == [["1", "2"], ["4", "5"], ["6"]]
+    assert contiguous_chunks(order, ["6", "1"], 10) == [["1"], ["6"]]
+
+
+def test_video_stage_sensor_watches_videos(db, instance):
+    sensor = build_stage_sensor(get_stage("ingest"))
+    v1 = make_video(db, state="new")
+    make_video(db, state="spliced")
+    r = _tick(sensor, instance, db, None)
+    assert [q.partition_key for q in r.run_requests] == [str(v1)]
+    assert instance.get_dynamic_partitions("ingest_videos") == [str(v1)]
