@@ -1,0 +1,1 @@
+"""The ``heaters`` command line."""

@@ -1,0 +1,189 @@
+"""``heaters``: submit videos, inspect state, run the demo, migrate, and start Dagster."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+
+
+def _db_ready() -> None:
+    """Bring up the configured (or embedded) database and apply migrations."""
+    from heaters_dagster.database.engine import database_url
+    from heaters_dagster.database.migrate import upgrade
+
+    upgrade(database_url())
+
+
+@click.group()
+@click.version_option(package_name="heaters-dagster")
+def cli() -> None:
+    """Heaters: video-clip curation on Dagster."""
+
+
+# -- database ----------------------------------------------------------------------------------
+@cli.group()
+def db() -> None:
+    """Database commands."""
+
+
+@db.command("upgrade")
+def db_upgrade() -> None:
+    """Apply Alembic migrations (starts the embedded Postgres when no URL is configured)."""
+    _db_ready()
+    click.echo("database is at the latest migration")
+
+
+@db.command("url")
+def db_url() -> None:
+    """Print the database URL in use."""
+    from heaters_dagster.database.engine import database_url
+
+    click.echo(database_url())
+
+
+# -- submit / status / requeue -----------------------------------------------------------------
+@cli.command()
+@click.argument("source")
+@click.option("--title", "-t", default=None, help="A title for the video (defaults to the file name).")
+def submit(source: str, title: str | None) -> None:
+    """Record SOURCE (an http(s) URL or a local file) as a new source video."""
+    from heaters_dagster.database.engine import session_scope
+    from heaters_dagster.pipeline.submit import submit_source
+    from heaters_dagster.settings import storage_url
+    from heaters_dagster.storage import ArtifactStore
+
+    _db_ready()
+    with session_scope() as session:
+        sub = submit_source(session, ArtifactStore(storage_url()), source, title)
+    if sub.error:
+        click.echo(f"video {sub.video_id}: {sub.state}: {sub.error}", err=True)
+        sys.exit(1)
+    click.echo(f"video {sub.video_id}: {sub.state}")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(as_json: bool) -> None:
+    """Counts per state, and every failed item with its message."""
+    from heaters_dagster.status import collect_status
+
+    _db_ready()
+    st = collect_status()
+    if as_json:
+        click.echo(json.dumps(st, indent=2, default=str))
+        return
+    for kind in ("videos", "clips"):
+        counts = st[kind]
+        total = sum(counts.values())
+        click.echo(f"{kind}: {total}" + ("" if not counts else "  (" + ", ".join(
+            f"{k} {v}" for k, v in sorted(counts.items())) + ")"))
+    if st["failures"]:
+        click.echo("failures:")
+        for f in st["failures"]:
+            click.echo(f"  {f['kind']} {f['id']} [{f['state']}, tries {f['retry_count']}]: {f['last_error']}")
+    if st["errors_by_stage"]:
+        click.echo("errors by stage (stage_results):")
+        for e in st["errors_by_stage"]:
+            click.echo(f"  {e['stage']}: {e['status']} {e['error_type']} x{e['count']}")
+
+
+@cli.command()
+@click.argument("stage_name")
+@click.argument("ids", nargs=-1, type=int, required=True)
+def requeue(stage_name: str, ids: tuple[int, ...]) -> None:
+    """Send failed items back to STAGE_NAME's input state so its sensor runs them again."""
+    from heaters_dagster.database.engine import session_scope
+    from heaters_dagster.errors import HeatersError
+    from heaters_dagster.stages import get_stage
+    from heaters_dagster.state_machine import transition
+
+    _db_ready()
+    stage = get_stage(stage_name)
+    failed = 0
+    for item_id in ids:
+        try:
+            with session_scope() as s:
+                transition(s, stage.entity, item_id, stage.failure_state, stage.retry_state, clear_error=True,
+                           bump_version=True)
+            click.echo(f"{stage.entity} {item_id}: {stage.failure_state} -> {stage.retry_state}")
+        except HeatersError as exc:
+            failed += 1
+            click.echo(f"{stage.entity} {item_id}: {exc}", err=True)
+    sys.exit(1 if failed else 0)
+
+
+# -- demo / dev --------------------------------------------------------------------------------
+@cli.command()
+@click.option("--scenes", default="3.0,2.5,4.0,0.6,3.0", show_default=True,
+              help="Scene lengths in seconds of the generated sample (scenes under 1 s are dropped).")
+def demo(scenes: str) -> None:
+    """Make a sample video with known cuts, submit it and run every stage in process."""
+    import dagster as dg
+
+    from heaters_dagster.dagster_home import prepare_dagster_home
+    from heaters_dagster.database.engine import session_scope
+    from heaters_dagster.definitions import defs
+    from heaters_dagster.inprocess import PipelineDriver
+    from heaters_dagster.media.synthetic import make_video
+    from heaters_dagster.pipeline.submit import submit_source
+    from heaters_dagster.settings import heaters_home, storage_url
+    from heaters_dagster.status import clip_summary
+    from heaters_dagster.storage import ArtifactStore
+
+    _db_ready()
+    lengths = [float(s) for s in scenes.split(",") if s.strip()]
+    sample = heaters_home() / "demo" / "sample.mp4"
+    video = make_video(sample, lengths, fps=24, width=640, height=360, flash_frames=(30,))
+    click.echo(f"sample: {sample} ({video.frame_count} frames, cuts at {list(video.cut_frames)})")
+    store = ArtifactStore(storage_url())
+    with session_scope() as session:
+        sub = submit_source(session, store, str(sample), "Heaters demo")
+    click.echo(f"submitted video {sub.video_id}")
+    prepare_dagster_home()
+    with dg.DagsterInstance.get() as instance:
+        driver = PipelineDriver(defs, instance, log=click.echo)
+        driver.run_until_idle()
+    clips = clip_summary(sub.video_id)
+    click.echo(f"video {sub.video_id}: {len(clips)} clips")
+    for c in clips:
+        sprite = c["sprite_uri"] or "-"
+        click.echo(f"  clip {c['id']}: frames [{c['start_frame']}, {c['end_frame']}) {c['state']}  sprite {sprite}")
+    missing = [c["id"] for c in clips if c["state"] == "pending_review" and not c["sprite_exists"]]
+    if not clips or missing or any(c["state"] != "pending_review" for c in clips):
+        click.echo("demo did not end with every clip in pending_review with its sprite", err=True)
+        sys.exit(1)
+    click.echo("demo finished: every clip is pending_review with its sprite sheet")
+
+
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.pass_context
+def dev(ctx: click.Context) -> None:
+    """Start the platform: database up, migrations applied, then `dagster dev` with this project's
+    workspace.yaml and dagster.yaml. Extra arguments go to `dagster dev` (e.g. -p 3000)."""
+    from heaters_dagster.dagster_home import prepare_dagster_home, project_root
+    from heaters_dagster.database.embedded import ensure_environment
+
+    ensure_environment()
+    _db_ready()
+    home = prepare_dagster_home()
+    root = project_root()
+    click.echo(f"DAGSTER_HOME={home}\nHEATERS_DATABASE_URL={os.environ['HEATERS_DATABASE_URL']}")
+    dagster = Path(sys.executable).with_name("dagster")
+    cmd = [str(dagster if dagster.exists() else "dagster"), "dev", "-w", str(root / "workspace.yaml"), *ctx.args]
+    try:
+        sys.exit(subprocess.call(cmd, cwd=root))
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def main() -> None:  # pragma: no cover
+    cli()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,32 @@
+"""Locating the project and preparing DAGSTER_HOME for ``heaters dev`` and ``heaters demo``."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from heaters_dagster.settings import heaters_home
+
+
+def project_root() -> Path:
+    """The folder holding workspace.yaml: the current folder or a parent, else the checkout."""
+    here = Path.cwd().resolve()
+    for d in (here, *here.parents):
+        if (d / "workspace.yaml").exists() and (d / "dagster.yaml").exists():
+            return d
+    return Path(__file__).resolve().parents[1]
+
+
+def prepare_dagster_home() -> Path:
+    """Create ``$HEATERS_HOME/dagster_home`` with the project's dagster.yaml and export DAGSTER_HOME
+    (unless the operator set DAGSTER_HOME already)."""
+    if os.environ.get("DAGSTER_HOME"):
+        return Path(os.environ["DAGSTER_HOME"])
+    home = heaters_home() / "dagster_home"
+    home.mkdir(parents=True, exist_ok=True)
+    src = project_root() / "dagster.yaml"
+    if src.exists():
+        shutil.copyfile(src, home / "dagster.yaml")
+    os.environ["DAGSTER_HOME"] = str(home)
+    return home
