@@ -10,6 +10,7 @@ from heaters_dagster.resources.database import DatabaseResource
 from heaters_dagster.resources.executor import StageExecutor
 from heaters_dagster.resources.storage import StorageResource
 from heaters_dagster.sensors.factory import build_stage_sensors
+from heaters_dagster.sensors.review import review_events_sensor
 
 
 def default_resources(database_url: str | None = None, storage_url: str | None = None,
@@ -29,7 +30,7 @@ def build_definitions(**resource_overrides: object) -> dg.Definitions:
     return dg.Definitions(
         assets=build_stage_assets(),
         jobs=build_stage_jobs(),
-        sensors=build_stage_sensors(),
+        sensors=[*build_stage_sensors(), review_events_sensor],
         resources=default_resources(**resource_overrides),  # type: ignore[arg-type]
     )
 

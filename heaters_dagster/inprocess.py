@@ -55,10 +55,18 @@ class PipelineDriver:
                  f"{'succeeded' if res.success else 'failed'}")
         return InProcessRun(stage.name, [p for p in parts if p], res.success, res.run_id)
 
+    def process_review_events(self) -> None:
+        from heaters_dagster.review.events import process_pending_events
+
+        for a in process_pending_events(self.defs.resources["database"]):
+            self.log(f"review event {a.event_id}: {a.action} clip {a.clip_id} -> {a.outcome}"
+                     + (f" ({a.reason})" if a.reason else ""))
+
     def run_until_idle(self, max_rounds: int = 50, stop_at: set[str] | None = None) -> list[InProcessRun]:
         runs: list[InProcessRun] = []
         for _ in range(max_rounds):
             launched = 0
+            self.process_review_events()
             for stage in self.stages:
                 if stop_at and stage.name in stop_at:
                     continue

@@ -32,6 +32,7 @@ class Stage:
     max_retries: int = 3  # transient failures: RetryPolicy with exponential backoff and jitter
     retry_delay_s: float = 2.0
     registers_for: str | None = None  # a stage whose partitions this stage's new clips join
+    ready_sql: str | None = None  # extra SQL readiness condition on the item's row (sensor and claim)
     params: dict[str, Any] = field(default_factory=dict)  # defaults, overridable in the executor config
     kinds: tuple[str, ...] = ("ffmpeg",)
 
@@ -101,6 +102,48 @@ STAGES: tuple[Stage, ...] = (
         "the artifact); the clip moves to `pending_review`.",
         max_partitions_per_run=100,
         params={"tile_width": 480, "max_fps": 24.0, "jpeg_qscale": 3},
+    ),
+    Stage(
+        name="split",
+        entity="clip",
+        input_states=(C.SPLIT_PENDING,),
+        in_progress_state=C.SPLITTING,
+        output_state=C.REVIEW_ARCHIVED,
+        failure_state=C.SPLIT_FAILED,
+        handler=f"{_H}:split",
+        description="Once a split's undo window has passed, re-encode the two parts exactly at the frame "
+        "boundary from the source video; the parts go to sprite -> review, the original is archived.",
+        ready_sql="(pending_op->>'ready_at')::timestamptz <= now()",
+        registers_for="sprite",
+        max_partitions_per_run=20,
+        params={"crf": 23, "preset": "veryfast", "audio_bitrate": "128k"},
+    ),
+    Stage(
+        name="merge",
+        entity="clip",
+        input_states=(C.MERGE_PENDING,),
+        in_progress_state=C.MERGING,
+        output_state=C.REVIEW_ARCHIVED,
+        failure_state=C.MERGE_FAILED,
+        handler=f"{_H}:merge",
+        description="Once a merge's undo window has passed, cut the two adjacent clips' frames as one clip "
+        "from the source video; both originals are archived, the new clip goes to sprite -> review.",
+        ready_sql="pending_op->>'role' = 'source' AND (pending_op->>'ready_at')::timestamptz <= now()",
+        registers_for="sprite",
+        max_partitions_per_run=20,
+        params={"crf": 23, "preset": "veryfast", "audio_bitrate": "128k"},
+    ),
+    Stage(
+        name="archive",
+        entity="clip",
+        input_states=(C.REVIEW_ARCHIVED,),
+        in_progress_state=C.ARCHIVING,
+        output_state=C.ARCHIVED,
+        failure_state=C.ARCHIVE_FAILED,
+        handler=f"{_H}:archive",
+        description="Delete an archived clip's file and every artifact from the store; the rows stay.",
+        max_partitions_per_run=200,
+        kinds=("storage",),
     ),
 )
 

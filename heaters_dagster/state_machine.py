@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
-from sqlalchemy import func, update
+from sqlalchemy import func, text, update
 from sqlalchemy.orm import Session
 
 from heaters_dagster.errors import ClaimConflictError, IllegalTransitionError
@@ -66,17 +66,21 @@ VIDEO_TRANSITIONS: dict[str, frozenset[str]] = {
 }
 
 _REVIEW_DECISIONS = {C.REVIEW_APPROVED, C.REVIEW_SKIPPED, C.REVIEW_ARCHIVED, C.SPLIT_PENDING, C.MERGE_PENDING}
+# Undo returns a clip to where the reviewer found it.
+_UNDO_TARGETS = {C.PENDING_REVIEW, C.REVIEW_SKIPPED, C.REVIEW_APPROVED}
 
 CLIP_TRANSITIONS: dict[str, frozenset[str]] = {
     C.SPLICED: frozenset({C.GENERATING_SPRITE, C.SPRITE_FAILED, C.REVIEW_ARCHIVED}),
     C.GENERATING_SPRITE: frozenset({C.PENDING_REVIEW, C.SPRITE_FAILED, C.SPLICED}),
     C.PENDING_REVIEW: frozenset(_REVIEW_DECISIONS),
     # Review decisions can be undone (back to pending_review) or changed by the reviewer.
-    C.REVIEW_APPROVED: frozenset({C.PENDING_REVIEW, C.KEYFRAMING, C.KEYFRAME_FAILED}),
+    C.REVIEW_APPROVED: frozenset({C.PENDING_REVIEW, C.REVIEW_SKIPPED, C.KEYFRAMING, C.KEYFRAME_FAILED,
+                                  C.MERGE_PENDING}),
     C.REVIEW_SKIPPED: frozenset(_REVIEW_DECISIONS | {C.PENDING_REVIEW}),
-    C.REVIEW_ARCHIVED: frozenset({C.PENDING_REVIEW, C.ARCHIVING, C.ARCHIVE_FAILED}),
-    C.SPLIT_PENDING: frozenset({C.PENDING_REVIEW, C.SPLITTING, C.SPLIT_FAILED}),
-    C.MERGE_PENDING: frozenset({C.PENDING_REVIEW, C.MERGING, C.MERGE_FAILED}),
+    C.REVIEW_ARCHIVED: frozenset(_UNDO_TARGETS | {C.ARCHIVING, C.ARCHIVE_FAILED}),
+    C.SPLIT_PENDING: frozenset(_UNDO_TARGETS | {C.SPLITTING, C.SPLIT_FAILED}),
+    # A merge's target is archived in the same transaction that creates the merged clip.
+    C.MERGE_PENDING: frozenset(_UNDO_TARGETS | {C.MERGING, C.MERGE_FAILED, C.REVIEW_ARCHIVED}),
     C.SPLITTING: frozenset({C.REVIEW_ARCHIVED, C.SPLIT_FAILED, C.SPLIT_PENDING}),
     C.MERGING: frozenset({C.REVIEW_ARCHIVED, C.MERGE_FAILED, C.MERGE_PENDING}),
     C.KEYFRAMING: frozenset({C.KEYFRAMED, C.KEYFRAME_FAILED, C.REVIEW_APPROVED}),
@@ -149,6 +153,7 @@ def transition(
     bump_retry: bool = False,
     bump_version: bool = False,
     values: Mapping[str, Any] | None = None,
+    condition: str | None = None,
 ) -> TransitionResult:
     """Move one item from one of ``expected`` to ``to_state`` atomically.
 
@@ -173,7 +178,8 @@ def transition(
         sets.update(values)
     stmt = (
         update(model)
-        .where(model.id == item_id, model.state.in_(expected_states))
+        .where(model.id == item_id, model.state.in_(expected_states),
+               *([text(condition)] if condition else []))
         .values(**sets)
         .returning(model.id)
         .execution_options(synchronize_session=False)
@@ -185,6 +191,8 @@ def transition(
         ).scalar_one_or_none()
         if current is None:
             raise ClaimConflictError(f"{kind} {item_id} does not exist")
+        if condition and current in expected_states:
+            raise ClaimConflictError(f"{kind} {item_id} is not ready yet ({condition})")
         raise ClaimConflictError(
             f"{kind} {item_id} is in state {current!r}, expected {' or '.join(expected_states)}"
         )

@@ -11,11 +11,15 @@ without retry, after every other item of the run has been processed.
 
 from typing import Any, Iterator
 
+import warnings
+
 import dagster as dg
 
 from heaters_dagster.pipeline.handlers import thumbnail_markdown
 from heaters_dagster.pipeline.outputs import BatchReport, ItemOutput
 from heaters_dagster.stages import STAGES, Stage, get_stage
+
+warnings.filterwarnings("ignore", category=dg.BetaWarning)  # backfill_policy is beta in 1.13
 
 
 class TransientStageError(Exception):

@@ -100,6 +100,7 @@ class Clip(TimestampMixin, Base):
     retry_count: Mapped[int] = mapped_column(Integer, server_default="0")
     version: Mapped[int] = mapped_column(Integer, server_default="0")
     reviewed_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
+    pending_op: Mapped[Optional[dict[str, Any]]] = mapped_column(JSONB)  # a split/merge waiting out its undo window
     lease_owner: Mapped[Optional[str]] = mapped_column(Text)
     lease_expires_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
 
@@ -134,14 +135,17 @@ class ReviewEvent(TimestampMixin, Base):
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
-    clip_id: Mapped[int] = mapped_column(ForeignKey("clips.id", ondelete="CASCADE"), index=True)
+    # No foreign key on purpose: an event naming an unknown clip is kept and rejected with a reason.
+    clip_id: Mapped[int] = mapped_column(BigInteger, index=True)
     action: Mapped[str] = mapped_column(String(16))
     payload: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default="{}")
     reviewer: Mapped[str] = mapped_column(Text, server_default="")
     processed_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
     outcome: Mapped[Optional[str]] = mapped_column(String(16))
     reason: Mapped[Optional[str]] = mapped_column(Text)
-    previous_state: Mapped[Optional[str]] = mapped_column(String(32))
+    # For undo: {clip_id: {"before": state, "after": state, "group_id": ...}} of every clip it changed.
+    undo_info: Mapped[Optional[dict[str, Any]]] = mapped_column(JSONB)
+    undone_by: Mapped[Optional[int]] = mapped_column(BigInteger)
 
 
 class Embedding(TimestampMixin, Base):

@@ -16,6 +16,7 @@ from heaters_dagster.resources.database import DatabaseResource
 from heaters_dagster.resources.executor import PersistOutcome
 from heaters_dagster.resources.storage import StorageResource
 from heaters_dagster.stages import Stage
+from heaters_dagster.state_machine import transition
 from heaters_dagster.storage import ArtifactStore
 
 
@@ -57,6 +58,9 @@ def persist_files_and_rows(session: Session, item: ItemSnapshot, output: ItemOut
                 parent_clip_ids=list(c.parent_clip_ids),
             ).returning(Clip.id)).scalar_one()
             new_ids.append(new_id)
+        for kind, other_id, from_state, to_state in output.partner_transitions:
+            transition(session, kind, other_id, from_state, to_state, values={"pending_op": None}
+                       if kind == "clip" else None)
     except BaseException:
         for key in stored:
             store.delete(key)

@@ -105,6 +105,59 @@ def sprite(ctx: Any, item: ItemSnapshot) -> ItemOutput:
     )
 
 
+def _source_key(item: ItemSnapshot) -> str:
+    if not item.source or not item.source.get("normalized_key"):
+        raise PermanentError(f"clip {item.id}: its source video has no normalised file")
+    return item.source["normalized_key"]
+
+
+def _cut_new_clips(ctx: Any, item: ItemSnapshot, spans: list[tuple[int, int]], origin: str,
+                   parents: tuple[int, ...]) -> list[NewClipOut]:
+    """Cut ``spans`` (absolute frames) from the clip's normalised source video, exactly."""
+    from heaters_dagster.media.clips import cut_clips
+
+    fps = float(item["fps"])
+    with ctx.store.local_copy(_source_key(item)) as src:
+        cut = cut_clips(src, spans, ctx.workdir / origin, fps=fps, **_pick(ctx.params, "crf", "preset", "audio_bitrate"))
+    vid = item["source_video_id"]
+    return [NewClipOut(start_frame=c.start_frame, end_frame=c.end_frame, start_s=c.start_s, end_s=c.end_s, fps=fps,
+                       file=FileToStore(storage_keys.clip_file(vid, c.start_frame, c.end_frame), c.path),
+                       origin=origin, parent_clip_ids=parents)
+            for c in cut.clips]
+
+
+def split(ctx: Any, item: ItemSnapshot) -> ItemOutput:
+    op = item["pending_op"] or {}
+    at = int(op.get("absolute_frame", -1))
+    start, end = int(item["start_frame"]), int(item["end_frame"])
+    if not start < at < end:
+        raise PermanentError(f"clip {item.id}: split frame {at} is not inside [{start}, {end})")
+    parts = _cut_new_clips(ctx, item, [(start, at), (at, end)], "split", (item.id,))
+    ctx.info(item, "split at absolute frame %d into [%d, %d) and [%d, %d)", at, start, at, at, end)
+    return ItemOutput(item_id=item.id, new_clips=parts, updates={"pending_op": None},
+                      metadata={"split_frame": at, "parts": len(parts)}, result=op)
+
+
+def merge(ctx: Any, item: ItemSnapshot) -> ItemOutput:
+    op = item["pending_op"] or {}
+    partner = int(op.get("partner", 0))
+    start, end = int(op.get("start_frame", -1)), int(item["end_frame"])
+    if not partner or not 0 <= start < int(item["start_frame"]):
+        raise PermanentError(f"clip {item.id}: no valid merge target recorded ({op})")
+    (merged,) = _cut_new_clips(ctx, item, [(start, end)], "merge", (partner, item.id))
+    return ItemOutput(item_id=item.id, new_clips=[merged], updates={"pending_op": None},
+                      partner_transitions=[("clip", partner, "merge_pending", "review_archived")],
+                      metadata={"merged_with": partner, "frames": end - start}, result=op)
+
+
+def archive(ctx: Any, item: ItemSnapshot) -> ItemOutput:
+    """Delete the clip file and every artifact (deleting twice is harmless); the rows stay."""
+    keys = [item["file_key"], *item.artifact_keys]
+    deleted = sum(1 for k in keys if ctx.store.delete(k))
+    return ItemOutput(item_id=item.id, updates={"file_deleted": True},
+                      metadata={"files_deleted": deleted, "keys": len(keys)})
+
+
 def thumbnail_markdown(jpeg: bytes, alt: str) -> str:
     """Dagster has no image metadata type: a small JPEG embedded in markdown shows in the UI."""
     return f"![{alt}](data:image/jpeg;base64,{base64.b64encode(jpeg).decode('ascii')})"

@@ -8,7 +8,7 @@ from sqlalchemy import inspect as sa_inspect
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from heaters_dagster.database.models import Clip, SourceVideo, StageResult
+from heaters_dagster.database.models import Clip, ClipArtifact, SourceVideo, StageResult
 from heaters_dagster.pipeline.outputs import ItemSnapshot
 
 MODELS: dict[str, Any] = {"video": SourceVideo, "clip": Clip}
@@ -22,7 +22,10 @@ def load_snapshots(session: Session, kind: str, ids: list[int]) -> dict[int, Ite
     model = MODELS[kind]
     rows = session.execute(select(model).where(model.id.in_(ids))).scalars().all()
     sources: dict[int, dict[str, Any]] = {}
+    artifacts: dict[int, list[str]] = {}
     if kind == "clip" and rows:
+        for a in session.execute(select(ClipArtifact).where(ClipArtifact.clip_id.in_(ids))).scalars():
+            artifacts.setdefault(a.clip_id, []).append(a.storage_key)
         vids = {r.source_video_id for r in rows}
         for v in session.execute(select(SourceVideo).where(SourceVideo.id.in_(vids))).scalars():
             sources[v.id] = row_dict(v)
@@ -31,6 +34,7 @@ def load_snapshots(session: Session, kind: str, ids: list[int]) -> dict[int, Ite
         out[r.id] = ItemSnapshot(
             kind=kind, id=r.id, state=r.state, version=r.version, retry_count=r.retry_count,
             row=row_dict(r), source=sources.get(r.source_video_id) if kind == "clip" else None,
+            artifact_keys=tuple(sorted(artifacts.get(r.id, ()))),
         )
     return out
 

@@ -18,6 +18,7 @@ class ItemSnapshot:
     retry_count: int
     row: dict[str, Any]
     source: dict[str, Any] | None = None  # the clip's source video row
+    artifact_keys: tuple[str, ...] = ()  # a clip's stored artifacts (sprite, keyframes)
 
     def __getitem__(self, name: str) -> Any:
         return self.row[name]
@@ -72,6 +73,8 @@ class ItemOutput:
     new_clips: list[NewClipOut] = field(default_factory=list)
     embedding: EmbeddingOut | None = None
     delete_keys: list[str] = field(default_factory=list)  # store keys to delete after commit
+    # Other rows that change state in the same transaction: (kind, id, from_state, to_state).
+    partner_transitions: list[tuple[str, int, str, str]] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)  # shown in Dagster
     result: Any = None  # the typed media result, for logs and tests
     thumbnail_jpeg: bytes | None = None

@@ -151,7 +151,8 @@ class StageExecutor(dg.ConfigurableResource):
         for item_id in item_ids:
             try:
                 with self.database.session() as session:
-                    transition(session, stage.entity, item_id, stage.input_states, stage.in_progress_state)
+                    transition(session, stage.entity, item_id, stage.input_states, stage.in_progress_state,
+                               condition=stage.ready_sql)
                 claimed.append(item_id)
             except ClaimConflictError as exc:
                 report.skipped[item_id] = str(exc)

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import dagster as dg
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
-from sqlalchemy import select
+from sqlalchemy import select, text, true
 
 from heaters_dagster.assets.factory import job_name
 from heaters_dagster.pipeline.items import MODELS
@@ -74,13 +74,14 @@ def evaluate_stage_sensor(context: Any, stage: Stage, database: DatabaseResource
     cursor = StageCursor.parse(context.cursor)
     model = MODELS[stage.entity]
     watched = (*stage.input_states, stage.in_progress_state)
+    ready_expr = text(stage.ready_sql) if stage.ready_sql else true()
     with database.session() as session:
         rows = session.execute(
-            select(model.id, model.version, model.state).where(model.state.in_(watched)).order_by(model.id)
-            .limit(SCAN_LIMIT)
+            select(model.id, model.version, model.state, ready_expr.label("is_ready"))
+            .where(model.state.in_(watched)).order_by(model.id).limit(SCAN_LIMIT)
         ).all()
     ready = {str(r.id): r.version for r in rows
-             if r.state in stage.input_states and cursor.requested.get(str(r.id)) != r.version}
+             if r.state in stage.input_states and r.is_ready and cursor.requested.get(str(r.id)) != r.version}
     # Forget items that finished or failed; keep those still ready or in flight.
     live = {str(r.id) for r in rows}
     cursor.requested = {k: v for k, v in cursor.requested.items() if k in live}

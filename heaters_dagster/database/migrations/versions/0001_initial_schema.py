@@ -76,6 +76,7 @@ def upgrade() -> None:
     sa.Column('retry_count', sa.Integer(), server_default='0', nullable=False),
     sa.Column('version', sa.Integer(), server_default='0', nullable=False),
     sa.Column('reviewed_at', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('pending_op', postgresql.JSONB(astext_type=sa.Text()), nullable=True),
     sa.Column('lease_owner', sa.Text(), nullable=True),
     sa.Column('lease_expires_at', sa.DateTime(timezone=True), nullable=True),
     sa.Column('created_at', sa.DateTime(timezone=True), server_default=sa.text('now()'), nullable=False),
@@ -129,12 +130,12 @@ def upgrade() -> None:
     sa.Column('processed_at', sa.DateTime(timezone=True), nullable=True),
     sa.Column('outcome', sa.String(length=16), nullable=True),
     sa.Column('reason', sa.Text(), nullable=True),
-    sa.Column('previous_state', sa.String(length=32), nullable=True),
+    sa.Column('undo_info', postgresql.JSONB(astext_type=sa.Text()), nullable=True),
+    sa.Column('undone_by', sa.BigInteger(), nullable=True),
     sa.Column('created_at', sa.DateTime(timezone=True), server_default=sa.text('now()'), nullable=False),
     sa.Column('updated_at', sa.DateTime(timezone=True), server_default=sa.text('now()'), nullable=False),
     sa.CheckConstraint("action IN ('approve', 'skip', 'archive', 'undo', 'split', 'merge', 'group')", name='ck_review_events_action'),
     sa.CheckConstraint("outcome IS NULL OR outcome IN ('applied', 'rejected', 'pending')", name='ck_review_events_outcome'),
-    sa.ForeignKeyConstraint(['clip_id'], ['clips.id'], ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id')
     )
     op.create_index(op.f('ix_review_events_clip_id'), 'review_events', ['clip_id'], unique=False)

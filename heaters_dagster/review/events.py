@@ -1,0 +1,270 @@
+"""Review events: recorded append-only, applied in id order, each in one transaction.
+
+An event's outcome (``applied`` or ``rejected`` with a reason), the clip state changes and any
+follow-up (a split or merge waiting out its undo window, picked up later by its stage sensor)
+commit together or not at all. Invalid events are never dropped: they end ``rejected`` with a
+reason a reviewer can read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from heaters_dagster.database.models import REVIEW_ACTIONS, Clip, ReviewEvent
+from heaters_dagster.errors import ClaimConflictError, IllegalTransitionError, PermanentError
+from heaters_dagster.settings import env_float
+from heaters_dagster.state_machine import CLIP_DEAD_STATES, ClipState as C, transition
+
+REVIEWABLE = (C.PENDING_REVIEW, C.REVIEW_SKIPPED)
+GROUPABLE = (C.PENDING_REVIEW, C.REVIEW_SKIPPED, C.REVIEW_APPROVED)
+MERGE_TARGETS = (C.PENDING_REVIEW, C.REVIEW_SKIPPED, C.REVIEW_APPROVED)
+MIN_SPLIT_PART_S = 0.5
+
+
+def undo_window_s() -> float:
+    return env_float("HEATERS_UNDO_WINDOW_S", 60.0)
+
+
+class Rejected(Exception):
+    """An event that cannot be applied; the message is the reason stored with it."""
+
+
+# -- recording ---------------------------------------------------------------------------------
+def validate_payload(action: str, payload: Any) -> dict[str, Any]:
+    """Server-side shape validation (the web API answers 400 on these); meaning is checked when
+    the event is applied."""
+    if action not in REVIEW_ACTIONS:
+        raise PermanentError(f"unknown action {action!r}; expected one of {', '.join(REVIEW_ACTIONS)}")
+    payload = dict(payload or {})
+    allowed = {"split": {"frame"}, "merge": {"target_clip_id"}, "group": {"target_clip_id"}}.get(action, set())
+    extra = set(payload) - allowed
+    if extra:
+        raise PermanentError(f"unexpected fields for {action}: {', '.join(sorted(extra))}")
+    for key in allowed & set(payload):
+        if not isinstance(payload[key], int) or isinstance(payload[key], bool):
+            raise PermanentError(f"{key} must be an integer")
+    if action == "split" and "frame" not in payload:
+        raise PermanentError("split needs a clip-relative frame")
+    if action == "group" and "target_clip_id" not in payload:
+        raise PermanentError("group needs target_clip_id")
+    return payload
+
+
+def record_event(session: Session, clip_id: int, action: str, payload: Any = None, reviewer: str = "") -> ReviewEvent:
+    if not isinstance(clip_id, int) or isinstance(clip_id, bool):
+        raise PermanentError("clip_id must be an integer")
+    ev = ReviewEvent(clip_id=clip_id, action=action, payload=validate_payload(action, payload),
+                     reviewer=str(reviewer)[:200])
+    session.add(ev)
+    session.flush()
+    return ev
+
+
+# -- applying ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Applied:
+    event_id: int
+    clip_id: int
+    action: str
+    outcome: str
+    reason: str | None
+
+
+def _lock_clip(session: Session, clip_id: int) -> Clip:
+    clip = session.execute(select(Clip).where(Clip.id == clip_id).with_for_update()).scalar_one_or_none()
+    if clip is None:
+        raise Rejected(f"clip {clip_id} does not exist")
+    return clip
+
+
+def _move(session: Session, clip: Clip, to_state: str, info: dict[str, Any], **values: Any) -> None:
+    before = clip.state
+    try:
+        transition(session, "clip", clip.id, before, to_state, values=values or None)
+    except (IllegalTransitionError, ClaimConflictError) as exc:
+        raise Rejected(str(exc)) from exc
+    info[str(clip.id)] = {"before": before, "after": to_state, "group_id": clip.group_id,
+                          "pending_op": clip.pending_op}
+    session.refresh(clip)
+
+
+def _check_alive(clip: Clip) -> None:
+    if clip.state in CLIP_DEAD_STATES:
+        raise Rejected(f"clip {clip.id} is archived ({clip.state})")
+
+
+def _previous_neighbour(session: Session, clip: Clip) -> Clip | None:
+    return session.execute(
+        select(Clip).where(Clip.source_video_id == clip.source_video_id, Clip.end_frame == clip.start_frame,
+                           Clip.state.not_in(tuple(CLIP_DEAD_STATES) + (C.ARCHIVED,)))
+        .with_for_update()
+    ).scalars().first()
+
+
+def _apply(session: Session, ev: ReviewEvent, now: datetime) -> dict[str, Any]:
+    """Apply one event; return undo_info. Raises Rejected with the reason."""
+    info: dict[str, Any] = {}
+    clip = _lock_clip(session, ev.clip_id)
+    action = ev.action
+    if action == "undo":
+        _undo(session, ev, clip, now)
+        return info
+    _check_alive(clip)
+    reviewed = {"reviewed_at": now}
+    if action == "approve":
+        if clip.state == C.REVIEW_APPROVED:
+            raise Rejected(f"clip {clip.id} is already approved")
+        if clip.state not in REVIEWABLE:
+            raise Rejected(f"clip {clip.id} is {clip.state}; only clips waiting for review can be approved")
+        _move(session, clip, C.REVIEW_APPROVED, info, **reviewed)
+    elif action == "skip":
+        if clip.state not in REVIEWABLE:
+            raise Rejected(f"clip {clip.id} is {clip.state}; only clips waiting for review can be skipped")
+        if clip.state == C.REVIEW_SKIPPED:  # skipping again sends it to the back of the queue
+            info[str(clip.id)] = {"before": clip.state, "after": clip.state, "group_id": clip.group_id,
+                                  "pending_op": clip.pending_op}
+            clip.reviewed_at = now
+        else:
+            _move(session, clip, C.REVIEW_SKIPPED, info, **reviewed)
+    elif action == "archive":
+        if clip.state not in REVIEWABLE:
+            raise Rejected(f"clip {clip.id} is {clip.state}; only clips waiting for review can be archived")
+        _move(session, clip, C.REVIEW_ARCHIVED, info, **reviewed)
+    elif action == "split":
+        if clip.state not in REVIEWABLE:
+            raise Rejected(f"clip {clip.id} is {clip.state}; only clips waiting for review can be split")
+        frame = int(ev.payload["frame"])
+        n = clip.end_frame - clip.start_frame
+        if not 1 <= frame <= n - 1:
+            raise Rejected(f"split frame {frame} is outside clip {clip.id} (valid: 1..{n - 1}, clip-relative)")
+        min_frames = max(1, round(MIN_SPLIT_PART_S * clip.fps))
+        if frame < min_frames or n - frame < min_frames:
+            raise Rejected(f"split at frame {frame} leaves a part shorter than {MIN_SPLIT_PART_S} s")
+        op = {"op": "split", "frame": frame, "absolute_frame": clip.start_frame + frame, "event_id": ev.id,
+              "ready_at": (now + timedelta(seconds=undo_window_s())).isoformat()}
+        _move(session, clip, C.SPLIT_PENDING, info, pending_op=op, **reviewed)
+    elif action == "merge":
+        if clip.state not in REVIEWABLE:
+            raise Rejected(f"clip {clip.id} is {clip.state}; only clips waiting for review can be merged")
+        prev = _previous_neighbour(session, clip)
+        target_id = ev.payload.get("target_clip_id")
+        if target_id is not None and (prev is None or prev.id != target_id):
+            target = session.get(Clip, target_id)
+            if target is None:
+                raise Rejected(f"merge target clip {target_id} does not exist")
+            if target.source_video_id != clip.source_video_id:
+                raise Rejected(f"clip {target_id} belongs to another source video")
+            raise Rejected(f"clip {target_id} is not the clip right before clip {clip.id}")
+        if prev is None:
+            raise Rejected(f"clip {clip.id} has no live clip right before it to merge with")
+        if prev.state not in MERGE_TARGETS:
+            raise Rejected(f"the previous clip {prev.id} is {prev.state} and cannot be merged now")
+        ready_at = (now + timedelta(seconds=undo_window_s())).isoformat()
+        _move(session, prev, C.MERGE_PENDING, info,
+              pending_op={"op": "merge", "role": "target", "partner": clip.id, "event_id": ev.id, "ready_at": ready_at})
+        _move(session, clip, C.MERGE_PENDING, info,
+              pending_op={"op": "merge", "role": "source", "partner": prev.id, "event_id": ev.id, "ready_at": ready_at,
+                          "start_frame": prev.start_frame},
+              **reviewed)
+    elif action == "group":
+        target_id = int(ev.payload["target_clip_id"])
+        if target_id == clip.id:
+            raise Rejected("a clip cannot be grouped with itself")
+        target = session.execute(select(Clip).where(Clip.id == target_id).with_for_update()).scalar_one_or_none()
+        if target is None:
+            raise Rejected(f"group target clip {target_id} does not exist")
+        if target.source_video_id != clip.source_video_id:
+            raise Rejected(f"clip {target_id} belongs to another source video; groups stay within one source")
+        _check_alive(target)
+        for c in (clip, target):
+            if c.state not in GROUPABLE:
+                raise Rejected(f"clip {c.id} is {c.state} and cannot be grouped")
+        group_id = clip.group_id or target.group_id or min(clip.id, target.id)
+        for c in (clip, target):
+            if c.state == C.REVIEW_APPROVED:
+                info[str(c.id)] = {"before": c.state, "after": c.state, "group_id": c.group_id,
+                                   "pending_op": c.pending_op}
+                c.group_id = group_id
+            else:
+                _move(session, c, C.REVIEW_APPROVED, info, group_id=group_id, **reviewed)
+    else:  # pragma: no cover - the CHECK constraint forbids it
+        raise Rejected(f"unknown action {action}")
+    return info
+
+
+def _undo(session: Session, ev: ReviewEvent, clip: Clip, now: datetime) -> None:
+    target = session.execute(
+        select(ReviewEvent)
+        .where(ReviewEvent.outcome == "applied", ReviewEvent.undone_by.is_(None), ReviewEvent.action != "undo",
+               ReviewEvent.undo_info.has_key(str(clip.id)), ReviewEvent.id < ev.id)
+        .order_by(ReviewEvent.id.desc()).limit(1).with_for_update()
+    ).scalar_one_or_none()
+    if target is None:
+        raise Rejected(f"nothing to undo on clip {clip.id}")
+    if target.action in ("split", "merge"):
+        age = (now - target.processed_at).total_seconds() if target.processed_at else 0.0
+        if age > undo_window_s():
+            raise Rejected(f"the {target.action}'s undo window ({undo_window_s():.0f} s) has passed")
+    info: dict[str, Any] = target.undo_info or {}
+    clips = {int(cid): session.execute(select(Clip).where(Clip.id == int(cid)).with_for_update()).scalar_one()
+             for cid in info}
+    for cid, entry in info.items():
+        c = clips[int(cid)]
+        if c.state != entry["after"]:
+            raise Rejected(f"cannot undo {target.action}: clip {cid} is now {c.state} (work has started)")
+    for cid, entry in info.items():
+        c = clips[int(cid)]
+        values = {"group_id": entry.get("group_id"), "pending_op": entry.get("pending_op")}
+        if entry["before"] != entry["after"]:
+            try:
+                transition(session, "clip", c.id, entry["after"], entry["before"], values=values)
+            except (IllegalTransitionError, ClaimConflictError) as exc:
+                raise Rejected(f"cannot undo {target.action}: {exc}") from exc
+        else:
+            c.group_id = values["group_id"]
+            c.pending_op = values["pending_op"]
+    target.undone_by = ev.id
+
+
+def apply_event(session: Session, event_id: int, now: datetime | None = None) -> Applied | None:
+    """Apply one unprocessed event inside the caller's transaction (locks it first)."""
+    now = now or datetime.now(timezone.utc)
+    ev = session.execute(
+        select(ReviewEvent).where(ReviewEvent.id == event_id, ReviewEvent.processed_at.is_(None))
+        .with_for_update(skip_locked=True)
+    ).scalar_one_or_none()
+    if ev is None:
+        return None
+    savepoint = session.begin_nested()
+    try:
+        ev.undo_info = _apply(session, ev, now)
+        savepoint.commit()
+        ev.outcome, ev.reason = "applied", None
+    except Rejected as exc:
+        savepoint.rollback()
+        ev = session.get(ReviewEvent, event_id)
+        assert ev is not None
+        ev.outcome, ev.reason = "rejected", str(exc)
+    ev.processed_at = now
+    session.flush()
+    return Applied(ev.id, ev.clip_id, ev.action, ev.outcome or "", ev.reason)
+
+
+def process_pending_events(database: Any, *, after_id: int = 0, limit: int = 1000,
+                           now: datetime | None = None) -> list[Applied]:
+    """Apply unprocessed events in id order, one transaction each; return what happened."""
+    with database.session() as s:
+        ids = s.execute(select(ReviewEvent.id).where(ReviewEvent.processed_at.is_(None), ReviewEvent.id > after_id)
+                        .order_by(ReviewEvent.id).limit(limit)).scalars().all()
+    done: list[Applied] = []
+    for event_id in ids:
+        with database.session() as s:
+            res = apply_event(s, event_id, now)
+        if res is not None:
+            done.append(res)
+    return done
