@@ -6,6 +6,7 @@ import dagster as dg
 
 from heaters_dagster.assets.factory import build_stage_assets, build_stage_jobs
 from heaters_dagster.io_managers.artifacts import ArtifactIOManager
+from heaters_dagster.io_managers.embeddings import EmbeddingIOManager
 from heaters_dagster.resources.database import DatabaseResource
 from heaters_dagster.resources.executor import StageExecutor
 from heaters_dagster.resources.storage import StorageResource
@@ -23,6 +24,7 @@ def default_resources(database_url: str | None = None, storage_url: str | None =
         "executor": StageExecutor(database=database, storage=storage, **executor_config),
         "artifact_io_manager": ArtifactIOManager(database=database, storage=storage),
         "video_io_manager": ArtifactIOManager(database=database, storage=storage),
+        "embedding_io_manager": EmbeddingIOManager(database=database, storage=storage),
     }
 
 

@@ -59,6 +59,23 @@ class Stage:
 
 _H = "heaters_dagster.pipeline.handlers"
 
+
+def embedding_defaults() -> dict[str, Any]:
+    """Embedding settings from the environment (README: "Model weights")."""
+    import os
+
+    pretrained = os.environ.get("HEATERS_CLIP_PRETRAINED", "laion2b_s34b_b79k")
+    return {
+        "model_name": os.environ.get("HEATERS_CLIP_MODEL", "ViT-B-32"),
+        "pretrained": None if pretrained.lower() in ("", "none", "random") else pretrained,
+        "checkpoint_path": os.environ.get("HEATERS_CLIP_CHECKPOINT") or None,
+        "precision": os.environ.get("HEATERS_CLIP_PRECISION", "auto"),
+        "device": os.environ.get("HEATERS_CLIP_DEVICE", "auto"),
+        "batch_size": int(os.environ.get("HEATERS_CLIP_BATCH", "32")),
+        "strategy": os.environ.get("HEATERS_EMBEDDING_STRATEGY", "keyframe_multi_avg"),
+        "keyframe_strategy": "multi",
+    }
+
 STAGES: tuple[Stage, ...] = (
     Stage(
         name="ingest",
@@ -102,6 +119,35 @@ STAGES: tuple[Stage, ...] = (
         "the artifact); the clip moves to `pending_review`.",
         max_partitions_per_run=100,
         params={"tile_width": 480, "max_fps": 24.0, "jpeg_qscale": 3},
+    ),
+    Stage(
+        name="keyframes",
+        entity="clip",
+        input_states=(C.REVIEW_APPROVED,),
+        in_progress_state=C.KEYFRAMING,
+        output_state=C.KEYFRAMED,
+        failure_state=C.KEYFRAME_FAILED,
+        handler=f"{_H}:keyframes",
+        description="Extract keyframes of an approved clip (`multi`: 25/50/75 %, or `midpoint`) by seeking, "
+        "with exact frame index and time; JPEGs stored as clip artifacts.",
+        max_partitions_per_run=100,
+        params={"strategy": "multi", "jpeg_quality": 90},
+    ),
+    Stage(
+        name="embedding",
+        entity="clip",
+        input_states=(C.KEYFRAMED,),
+        in_progress_state=C.EMBEDDING,
+        output_state=C.EMBEDDED,
+        failure_state=C.EMBEDDING_FAILED,
+        handler=f"{_H}:embedding",
+        batch_handler=True,
+        io_manager_key="embedding_io_manager",
+        description="Embed the keyframes of every clip of the run with open_clip in shared batches (model "
+        "loaded once per run), L2-normalised, aggregated per strategy and stored in pgvector.",
+        max_partitions_per_run=200,
+        params=embedding_defaults(),
+        kinds=("pytorch", "pgvector"),
     ),
     Stage(
         name="split",

@@ -117,6 +117,76 @@ def requeue(stage_name: str, ids: tuple[int, ...]) -> None:
     sys.exit(1 if failed else 0)
 
 
+# -- search / review ---------------------------------------------------------------------------
+@cli.command()
+@click.option("--clip", "clip_id", type=int, default=None, help="Find clips that look like this clip.")
+@click.option("--text", "query", default=None, help="Find clips that match this phrase (CLIP text tower).")
+@click.option("-k", "k", type=int, default=10, show_default=True, help="How many results.")
+@click.option("--source", "source_video_id", type=int, default=None, help="Only clips of this source video.")
+@click.option("--state", "states", multiple=True, help="Only clips in these states (default: embedded).")
+@click.option("--exclude-self", is_flag=True, help="With --clip: leave the query clip out.")
+@click.option("--strategy", default=None, help="Embedding strategy (default: the embedding stage's).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def search(clip_id: int | None, query: str | None, k: int, source_video_id: int | None, states: tuple[str, ...],
+           exclude_self: bool, strategy: str | None, as_json: bool) -> None:
+    """Nearest clips to a clip (--clip ID) or to a phrase (--text "a red car")."""
+    from heaters_dagster.database.engine import session_scope
+    from heaters_dagster.errors import HeatersError
+    from heaters_dagster.pipeline.handlers import embedding_spec
+    from heaters_dagster.search import DEFAULT_STATES, search_by_clip, search_by_text
+    from heaters_dagster.settings import storage_url
+    from heaters_dagster.stages import get_stage
+    from heaters_dagster.storage import ArtifactStore
+
+    if (clip_id is None) == (query is None):
+        raise click.UsageError("give exactly one of --clip ID or --text PHRASE")
+    _db_ready()
+    params = get_stage("embedding").params
+    spec = embedding_spec(params)
+    strategy = strategy or params["strategy"]
+    kw = {"k": k, "source_video_id": source_video_id, "states": list(states) or list(DEFAULT_STATES)}
+    try:
+        with session_scope() as s:
+            if clip_id is not None:
+                hits = search_by_clip(s, clip_id, model_id=spec.model_id, strategy=strategy,
+                                      exclude_clip_id=clip_id if exclude_self else None, **kw)
+            else:
+                from heaters_dagster.media.embedding import ClipEmbedder
+
+                hits = search_by_text(s, ClipEmbedder.load(spec), query or "", strategy=strategy, **kw)
+    except HeatersError as exc:
+        raise click.ClickException(str(exc)) from exc
+    store = ArtifactStore(storage_url())
+    rows = [{**h.to_dict(), "file_uri": store.uri(h.file_key)} for h in hits]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("no results")
+    for r in rows:
+        click.echo(f"clip {r['clip_id']:>6}  {100 * r['similarity']:6.2f}%  video {r['source_video_id']}  "
+                   f"{r['start_s']:8.2f}-{r['end_s']:8.2f}s  {r['file_uri']}")
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8765, show_default=True, type=int)
+@click.option("--token", envvar="HEATERS_REVIEW_TOKEN", default=None,
+              help="Reviewer token required for every write (env HEATERS_REVIEW_TOKEN). Without it the page "
+              "is read-only.")
+@click.option("--apply-events/--no-apply-events", default=False, show_default=True,
+              help="Apply review events from the page itself (when the Dagster daemon is not running).")
+def review(host: str, port: int, token: str | None, apply_events: bool) -> None:
+    """Serve the review page for human reviewers."""
+    from heaters_dagster.review.app import serve
+
+    _db_ready()
+    if not token:
+        click.echo("warning: no reviewer token configured; the page is read-only (set HEATERS_REVIEW_TOKEN)",
+                   err=True)
+    serve(host=host, port=port, token=token, apply_events=apply_events)
+
+
 # -- demo / dev --------------------------------------------------------------------------------
 @cli.command()
 @click.option("--scenes", default="3.0,2.5,4.0,0.6,3.0", show_default=True,

@@ -13,7 +13,14 @@ from typing import Any
 
 from heaters_dagster import storage_keys
 from heaters_dagster.errors import PermanentError
-from heaters_dagster.pipeline.outputs import ArtifactOut, FileToStore, ItemOutput, ItemSnapshot, NewClipOut
+from heaters_dagster.pipeline.outputs import (
+    ArtifactOut,
+    EmbeddingOut,
+    FileToStore,
+    ItemOutput,
+    ItemSnapshot,
+    NewClipOut,
+)
 
 
 def _pick(params: dict[str, Any], *names: str) -> dict[str, Any]:
@@ -103,6 +110,66 @@ def sprite(ctx: Any, item: ItemSnapshot) -> ItemOutput:
         thumbnail_jpeg=res.thumbnail_jpeg,
         result=res,
     )
+
+
+def keyframes(ctx: Any, item: ItemSnapshot) -> ItemOutput:
+    from heaters_dagster.media.keyframes import extract_keyframes
+
+    strategy = ctx.params.get("strategy", "multi")
+    with ctx.store.local_copy(item["file_key"]) as clip_path:
+        res = extract_keyframes(clip_path, ctx.workdir / "keyframes", strategy=strategy, fps=float(item["fps"]),
+                                frame_count=int(item["end_frame"]) - int(item["start_frame"]),
+                                **_pick(ctx.params, "jpeg_quality"))
+    artifacts = [
+        ArtifactOut("keyframe", FileToStore(storage_keys.keyframe(item.id, strategy, k.tag), Path(k.path)),
+                    strategy=strategy, tag=k.tag,
+                    metadata={"tag": k.tag, "frame_index": k.frame_index, "time_s": k.time_s, "width": k.width,
+                              "height": k.height, "absolute_frame": int(item["start_frame"]) + k.frame_index})
+        for k in res.keyframes
+    ]
+    return ItemOutput(item_id=item.id, artifacts=artifacts,
+                      metadata={"strategy": strategy, "keyframes": len(artifacts),
+                                "frames": ", ".join(str(k.frame_index) for k in res.keyframes)},
+                      result=res)
+
+
+def embedding_spec(params: dict[str, Any]) -> Any:
+    from heaters_dagster.media.embedding import EmbeddingModelSpec
+
+    return EmbeddingModelSpec(**{k: params[k] for k in ("model_name", "pretrained", "checkpoint_path", "precision",
+                                                         "device", "batch_size") if k in params})
+
+
+def embedding(ctx: Any, items: list[ItemSnapshot]) -> dict[int, ItemOutput | BaseException]:
+    """Batch handler: one model load and shared batches for every clip of the run."""
+    from contextlib import ExitStack
+
+    from heaters_dagster.media.embedding import ClipEmbedder, embed_clip_keyframes
+
+    embedder = ClipEmbedder.load(embedding_spec(ctx.params))
+    strategy = ctx.params.get("strategy", "keyframe_multi_avg")
+    kf_strategy = ctx.params.get("keyframe_strategy", "multi")
+    errors: dict[int, BaseException] = {}
+    with ExitStack() as stack:
+        clips: dict[int, list[tuple[str, Path]]] = {}
+        for item in items:
+            kfs = [a for a in item.artifacts if a["artifact_type"] == "keyframe" and a["strategy"] == kf_strategy]
+            try:
+                clips[item.id] = [(a["tag"], stack.enter_context(ctx.store.local_copy(a["storage_key"]))) for a in kfs]
+            except Exception as exc:  # noqa: BLE001 - recorded per clip
+                errors[item.id] = exc
+        results = embed_clip_keyframes(embedder, clips, strategy, errors=errors)
+    out: dict[int, ItemOutput | BaseException] = dict(errors)
+    for clip_id, r in results.items():
+        out[clip_id] = ItemOutput(
+            item_id=clip_id,
+            embedding=EmbeddingOut(model_id=r.model_id, strategy=r.strategy, vector=r.vector,
+                                   keyframe_count=r.keyframe_count),
+            metadata={"model_id": r.model_id, "strategy": r.strategy, "dim": r.dim, "keyframes": r.keyframe_count,
+                      "device": str(embedder.device)},
+            result={"model_id": r.model_id, "strategy": r.strategy, "dim": r.dim},
+        )
+    return out
 
 
 def _source_key(item: ItemSnapshot) -> str:

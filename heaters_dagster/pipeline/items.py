@@ -22,10 +22,13 @@ def load_snapshots(session: Session, kind: str, ids: list[int]) -> dict[int, Ite
     model = MODELS[kind]
     rows = session.execute(select(model).where(model.id.in_(ids))).scalars().all()
     sources: dict[int, dict[str, Any]] = {}
-    artifacts: dict[int, list[str]] = {}
+    artifacts: dict[int, list[dict[str, Any]]] = {}
     if kind == "clip" and rows:
-        for a in session.execute(select(ClipArtifact).where(ClipArtifact.clip_id.in_(ids))).scalars():
-            artifacts.setdefault(a.clip_id, []).append(a.storage_key)
+        for a in session.execute(select(ClipArtifact).where(ClipArtifact.clip_id.in_(ids))
+                                 .order_by(ClipArtifact.id)).scalars():
+            artifacts.setdefault(a.clip_id, []).append(
+                {"artifact_type": a.artifact_type, "strategy": a.strategy, "tag": a.tag,
+                 "storage_key": a.storage_key, "meta": a.meta})
         vids = {r.source_video_id for r in rows}
         for v in session.execute(select(SourceVideo).where(SourceVideo.id.in_(vids))).scalars():
             sources[v.id] = row_dict(v)
@@ -34,7 +37,7 @@ def load_snapshots(session: Session, kind: str, ids: list[int]) -> dict[int, Ite
         out[r.id] = ItemSnapshot(
             kind=kind, id=r.id, state=r.state, version=r.version, retry_count=r.retry_count,
             row=row_dict(r), source=sources.get(r.source_video_id) if kind == "clip" else None,
-            artifact_keys=tuple(sorted(artifacts.get(r.id, ()))),
+            artifacts=tuple(artifacts.get(r.id, ())),
         )
     return out
 

@@ -18,7 +18,11 @@ class ItemSnapshot:
     retry_count: int
     row: dict[str, Any]
     source: dict[str, Any] | None = None  # the clip's source video row
-    artifact_keys: tuple[str, ...] = ()  # a clip's stored artifacts (sprite, keyframes)
+    artifacts: tuple[dict[str, Any], ...] = ()  # a clip's stored artifacts: type, strategy, tag, key, meta
+
+    @property
+    def artifact_keys(self) -> tuple[str, ...]:
+        return tuple(a["storage_key"] for a in self.artifacts)
 
     def __getitem__(self, name: str) -> Any:
         return self.row[name]

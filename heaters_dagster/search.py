@@ -1,0 +1,96 @@
+"""Similarity search over clip embeddings in pgvector.
+
+Queries order by cosine distance on ``embedding::vector(dim)`` restricted to one model and
+strategy, so the (model, dim) partial HNSW index serves them. Filters (source video, states) use
+pgvector's iterative index scans (``hnsw.iterative_scan = relaxed_order``) inside a materialised
+CTE that is re-sorted exactly, so a filter never silently returns fewer than k results when more
+exist.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import numpy as np
+from sqlalchemy import select, text
+from sqlalchemy.orm import Session
+
+from heaters_dagster.database.models import Clip, Embedding
+from heaters_dagster.errors import PermanentError
+
+DEFAULT_STATES: tuple[str, ...] = ("embedded",)
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    clip_id: int
+    similarity: float  # 1 - cosine distance
+    source_video_id: int
+    start_s: float
+    end_s: float
+    state: str
+    file_key: str
+    file_uri: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def clip_vector(session: Session, clip_id: int, model_id: str, strategy: str) -> np.ndarray:
+    row = session.execute(select(Embedding.embedding).where(
+        Embedding.clip_id == clip_id, Embedding.model_id == model_id, Embedding.strategy == strategy)).first()
+    if row is None:
+        raise PermanentError(f"clip {clip_id} has no {strategy} embedding for model {model_id}")
+    return np.asarray(row[0], dtype=np.float32)
+
+
+def search_vector(session: Session, query: np.ndarray, *, model_id: str, strategy: str, k: int = 10,
+                  source_video_id: int | None = None, states: Sequence[str] | None = DEFAULT_STATES,
+                  exclude_clip_id: int | None = None, ef_search: int = 100) -> list[SearchHit]:
+    q = np.asarray(query, dtype=np.float32).reshape(-1)
+    dim = int(q.size)
+    if not 1 <= k <= 1000:
+        raise PermanentError("k must be between 1 and 1000")
+    filters = ["e.model_id = :model_id", "e.strategy = :strategy", f"e.dim = {dim}"]
+    params: dict[str, Any] = {"model_id": model_id, "strategy": strategy, "q": q.tolist(), "k": k}
+    if source_video_id is not None:
+        filters.append("c.source_video_id = :vid")
+        params["vid"] = source_video_id
+    if states:
+        filters.append("c.state = ANY(:states)")
+        params["states"] = list(states)
+    if exclude_clip_id is not None:
+        filters.append("e.clip_id <> :exclude")
+        params["exclude"] = exclude_clip_id
+    sql = f"""
+        WITH nearest AS MATERIALIZED (
+            SELECT e.clip_id, e.embedding::vector({dim}) <=> CAST(:q AS vector({dim})) AS distance
+            FROM embeddings e JOIN clips c ON c.id = e.clip_id
+            WHERE {' AND '.join(filters)}
+            ORDER BY e.embedding::vector({dim}) <=> CAST(:q AS vector({dim}))
+            LIMIT :k
+        )
+        SELECT n.clip_id, n.distance, c.source_video_id, c.start_s, c.end_s, c.state, c.file_key
+        FROM nearest n JOIN clips c ON c.id = n.clip_id
+        ORDER BY n.distance, n.clip_id
+    """
+    session.execute(text("SET LOCAL hnsw.iterative_scan = relaxed_order"))
+    session.execute(text(f"SET LOCAL hnsw.ef_search = {max(int(ef_search), k)}"))
+    rows = session.execute(text(sql), params).all()
+    return [SearchHit(clip_id=r.clip_id, similarity=1.0 - float(r.distance), source_video_id=r.source_video_id,
+                      start_s=r.start_s, end_s=r.end_s, state=r.state, file_key=r.file_key) for r in rows]
+
+
+def search_by_clip(session: Session, clip_id: int, *, model_id: str, strategy: str, **kw: Any) -> list[SearchHit]:
+    if session.get(Clip, clip_id) is None:
+        raise PermanentError(f"clip {clip_id} does not exist")
+    return search_vector(session, clip_vector(session, clip_id, model_id, strategy), model_id=model_id,
+                         strategy=strategy, **kw)
+
+
+def search_by_text(session: Session, embedder: Any, query: str, *, strategy: str, **kw: Any) -> list[SearchHit]:
+    if not query.strip():
+        raise PermanentError("the text query is empty")
+    vec = embedder.embed_text([query])[0]
+    return search_vector(session, vec, model_id=embedder.model_id, strategy=strategy, **kw)
