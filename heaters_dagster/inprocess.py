@@ -30,6 +30,7 @@ class PipelineDriver:
     stages: tuple[Stage, ...] = STAGES
     cursors: dict[str, str | None] = field(default_factory=dict)
     log: Callable[[str], None] = lambda _msg: None
+    dagster_log_level: str = "WARNING"  # of Dagster's console logger for the in-process runs
 
     def tick(self, stage: Stage) -> list[dg.RunRequest]:
         sensor = self.defs.resolve_sensor_def(f"{stage.name}_sensor")
@@ -47,8 +48,10 @@ class PipelineDriver:
     def execute(self, stage: Stage, request: dg.RunRequest) -> InProcessRun:
         job = self.defs.resolve_job_def(job_name(stage))
         tags = dict(request.tags or {})
-        res = job.execute_in_process(instance=self.instance, partition_key=request.partition_key, tags=tags,
-                                     raise_on_error=False)
+        res = job.execute_in_process(
+            instance=self.instance, partition_key=request.partition_key, tags=tags, raise_on_error=False,
+            run_config={"loggers": {"console": {"config": {"log_level": self.dagster_log_level}}}},
+        )
         parts = [request.partition_key] if request.partition_key else [
             tags.get("dagster/asset_partition_range_start", "?"), tags.get("dagster/asset_partition_range_end", "?")]
         self.log(f"{stage.name}: run over {'..'.join(p for p in parts if p)} "

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import dagster as dg
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
-from sqlalchemy import select, text, true
+from sqlalchemy import literal_column, select
 
 from heaters_dagster.assets.factory import job_name
 from heaters_dagster.pipeline.items import MODELS
@@ -74,7 +74,7 @@ def evaluate_stage_sensor(context: Any, stage: Stage, database: DatabaseResource
     cursor = StageCursor.parse(context.cursor)
     model = MODELS[stage.entity]
     watched = (*stage.input_states, stage.in_progress_state)
-    ready_expr = text(stage.ready_sql) if stage.ready_sql else true()
+    ready_expr = literal_column(f"({stage.ready_sql})" if stage.ready_sql else "true")
     with database.session() as session:
         rows = session.execute(
             select(model.id, model.version, model.state, ready_expr.label("is_ready"))
