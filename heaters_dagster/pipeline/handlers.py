@@ -134,10 +134,17 @@ def keyframes(ctx: Any, item: ItemSnapshot) -> ItemOutput:
 
 
 def embedding_spec(params: dict[str, Any]) -> Any:
+    """The model spec from stage parameters. Dagster config cannot carry None, so "" / "none" /
+    "random" mean "no pretrained weights" and "" means "no checkpoint"."""
     from heaters_dagster.media.embedding import EmbeddingModelSpec
 
-    return EmbeddingModelSpec(**{k: params[k] for k in ("model_name", "pretrained", "checkpoint_path", "precision",
-                                                         "device", "batch_size") if k in params})
+    kw = {k: params[k] for k in ("model_name", "pretrained", "checkpoint_path", "precision", "device",
+                                 "batch_size") if k in params}
+    if isinstance(kw.get("pretrained"), str) and kw["pretrained"].lower() in ("", "none", "random"):
+        kw["pretrained"] = None
+    if not kw.get("checkpoint_path"):
+        kw["checkpoint_path"] = None
+    return EmbeddingModelSpec(**kw)
 
 
 def embedding(ctx: Any, items: list[ItemSnapshot]) -> dict[int, ItemOutput | BaseException]:
