@@ -1,0 +1,464 @@
+"""Scene (hard-cut) detection on a small decoded stream.
+
+One ffmpeg process decodes the source and downscales every frame to a tiny YUV 4:2:0 image
+(``analysis_width`` pixels wide, ``fast_bilinear``) which it writes as rawvideo on stdout. Python
+reads that pipe in fixed-size chunks of frames, so memory stays flat whatever the source length
+or resolution: only a chunk of small frames plus a few float32 numbers per frame are ever held.
+
+Every pair of frames ``(a, b)`` gets a *distance* ``D(a, b)`` in ``[0, 1]``:
+
+* ``hist``: half the L1 distance between normalised colour histograms (16 luma bins and a joint
+  8x8 chroma histogram, averaged), which sees colour/tone changes and ignores motion;
+* ``pixel``: mean absolute difference of the small luma and chroma planes (luma weighted 2:1),
+  which sees layout changes between scenes whose histograms are alike (what the old
+  histogram-correlation detector missed).
+
+``D = (hist + pixel) / 2``. The per-frame *score* is ``s[i] = D(i-1, i)``. Frame ``i`` is a cut
+when all of the following hold:
+
+1. **absolute floor**: ``s[i] >= min_score`` (ignores noise in static shots);
+2. **adaptive ratio**: ``s[i] >= threshold * baseline[i]`` where ``baseline[i]`` is the median of
+   the scores of the ``window`` frames on each side of ``i`` (not ``i`` itself), as in
+   PySceneDetect's AdaptiveDetector but with a median so that a nearby flash or cut does not
+   raise it; fast motion raises the baseline, so it does not read as cuts;
+3. **persistence / flash suppression**: the new content must not return to the old content
+   within ``persist_frames`` frames. With ``m[i] = min D(a, b)`` over ``a`` in the
+   ``lookback`` frames before ``i`` and ``b`` in ``i .. i+persist_frames-1``, a cut needs
+   ``m[i] >= max(min_score, persist_ratio * s[i])``. A one- or two-frame flash (white frame,
+   strobe, a single inserted frame) differs strongly from its neighbours but the frames after it
+   match the frames before it, so ``m`` is small and the flash is not a cut - neither on the way
+   in nor on the way out (``lookback`` = 3 covers flashes of up to two frames);
+4. **non-maximum suppression**: of candidates at most ``min_gap`` (2) frames apart only the
+   strongest is kept (a flash right before a cut gives two candidates a frame apart).
+
+Scenes tile ``[0, frame_count)``; those shorter than ``min_scene_s`` are returned in ``dropped``.
+The frame count comes from the decoded stream (constant frame rate at the stream's rate).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+from heaters_dagster.errors import FFmpegError, InvalidMediaError
+from heaters_dagster.media.ffmpeg_tools import _tail, ffmpeg_bin, ffprobe_bin, run, slot
+
+DEFAULT_THRESHOLD = 3.0
+DEFAULT_MIN_SCORE = 0.08
+DEFAULT_ANALYSIS_WIDTH = 96
+DEFAULT_WINDOW = 4
+DEFAULT_PERSIST_FRAMES = 3
+DEFAULT_LOOKBACK = 3
+DEFAULT_PERSIST_RATIO = 0.4
+DEFAULT_MIN_GAP = 2
+
+_Y_BINS = 16  # luma histogram: Y >> 4
+_C_BITS = 3  # chroma histogram: (U >> 5, V >> 5) -> 8 x 8 joint bins
+_C_BINS = 1 << (2 * _C_BITS)
+_CHUNK_BYTES = 1 << 20  # read about 1 MiB of small frames (~130 at 96x54) at a time
+
+
+@dataclass(frozen=True)
+class Scene:
+    start_frame: int
+    end_frame: int  # exclusive
+    start_s: float
+    end_s: float
+
+    @property
+    def frame_count(self) -> int:
+        return self.end_frame - self.start_frame
+
+    @property
+    def duration_s(self) -> float:
+        return self.end_s - self.start_s
+
+
+@dataclass(frozen=True)
+class SceneDetectionResult:
+    fps: float
+    frame_count: int
+    cut_frames: tuple[int, ...]  # every detected boundary (first frame of a new scene)
+    scenes: tuple[Scene, ...]  # kept: at least min_scene_s long
+    dropped: tuple[Scene, ...]  # shorter than min_scene_s
+    analysis_size: tuple[int, int]  # (width, height) of the analysed frames
+    decode_seconds: float  # wall time of the decode + analysis pass
+
+    @property
+    def all_scenes(self) -> tuple[Scene, ...]:
+        """Kept and dropped scenes in frame order (they tile ``[0, frame_count)``)."""
+        return tuple(sorted(self.scenes + self.dropped, key=lambda s: s.start_frame))
+
+
+@dataclass(frozen=True)
+class FrameScores:
+    """Per-frame signals of one decode pass (float32 arrays of length ``frame_count``).
+
+    ``score[i] = D(i-1, i)`` (0 for frame 0); ``gap[g-1][x] = D(x, x+g)`` for
+    ``g = 1 .. lookback+persist_frames-1`` (NaN where ``x+g`` is past the end).
+    """
+
+    fps: float
+    frame_count: int
+    score: np.ndarray
+    gap: tuple[np.ndarray, ...]
+    analysis_size: tuple[int, int]
+    decode_seconds: float
+    lookback: int
+    persist_frames: int
+
+    def persistence(self) -> np.ndarray:
+        """``m[i] = min D(a, b)``, a in ``[i-lookback, i)``, b in ``[i, i+persist_frames)``."""
+        n = self.frame_count
+        m = np.full(n, np.inf, dtype=np.float64)
+        idx = np.arange(n)
+        for da in range(1, self.lookback + 1):
+            for db in range(self.persist_frames):
+                g = da + db
+                x = idx - da
+                ok = x >= 0
+                vals = np.full(n, np.nan)
+                vals[ok] = self.gap[g - 1][x[ok]]
+                have = ~np.isnan(vals)
+                m[have] = np.minimum(m[have], vals[have])
+        m[np.isinf(m)] = 0.0
+        return m
+
+    def baseline(self, window: int) -> np.ndarray:
+        """Median of the ``window`` scores on each side of each frame (frame itself excluded)."""
+        n = self.frame_count
+        s = self.score.astype(np.float64)
+        if n == 0:
+            return s
+        pad = np.full(n + 2 * window, np.nan)
+        pad[window:window + n] = s
+        # neighbours at offsets -window..-1 and 1..window
+        cols = [pad[window + k: window + k + n] for k in range(-window, window + 1) if k != 0]
+        stack = np.stack(cols, axis=1)
+        base = np.nanmedian(stack, axis=1) if window > 0 else np.zeros(n)
+        return np.nan_to_num(base, nan=0.0)
+
+
+# -- probing -------------------------------------------------------------------------------------
+def _rate(text: str | None) -> Fraction | None:
+    if not text or text in ("0/0", "0"):
+        return None
+    try:
+        r = Fraction(text)
+    except (ValueError, ZeroDivisionError):
+        return None
+    return r if 0 < r <= 1000 else None
+
+
+def _probe(path: Path) -> tuple[int, int, Fraction]:
+    """(coded width, coded height, frame rate) of the first video stream."""
+    try:
+        proc = run(
+            [ffprobe_bin(), "-v", "error", "-select_streams", "v:0", "-show_entries",
+             "stream=codec_type,width,height,avg_frame_rate,r_frame_rate", "-of", "json", str(path)],
+            what=f"probe {path.name}", timeout=120,
+        )
+    except FFmpegError as exc:
+        if not exc.permanent:
+            raise
+        raise InvalidMediaError(f"{path.name}: not a readable media file ({exc})") from exc
+    try:
+        streams = json.loads(proc.stdout or b"{}").get("streams") or []
+    except ValueError as exc:
+        raise InvalidMediaError(f"{path.name}: ffprobe returned unreadable output") from exc
+    if not streams:
+        raise InvalidMediaError(f"{path.name}: no video stream")
+    st = streams[0]
+    w, h = int(st.get("width") or 0), int(st.get("height") or 0)
+    if w <= 0 or h <= 0:
+        raise InvalidMediaError(f"{path.name}: video stream has no frame size")
+    avg, real = _rate(st.get("avg_frame_rate")), _rate(st.get("r_frame_rate"))
+    if real and avg and abs(float(real) - float(avg)) <= 0.005 * float(avg):
+        rate = real  # constant frame rate: r_frame_rate is the clean rational (30000/1001)
+    else:
+        rate = avg or real  # variable frame rate: the mean rate keeps index/fps ~ time
+    if not rate:
+        raise InvalidMediaError(f"{path.name}: video stream has no frame rate")
+    return w, h, rate
+
+
+def analysis_size_for(width: int, height: int, analysis_width: int) -> tuple[int, int]:
+    """Even (w, h) of the analysed frames: ``analysis_width`` wide, source aspect kept."""
+    w = max(2, int(analysis_width) // 2 * 2)
+    h = max(2, int(round(w * height / width / 2.0)) * 2)
+    return w, h
+
+
+# -- decoding + per-frame signals -----------------------------------------------------------------
+class _Features:
+    """Distance features of a run of small frames (arrays indexed by frame)."""
+
+    __slots__ = ("y", "u", "v", "hist")
+
+    def __init__(self, y: np.ndarray, u: np.ndarray, v: np.ndarray, hist: np.ndarray):
+        self.y, self.u, self.v, self.hist = y, u, v, hist
+
+    @classmethod
+    def from_raw(cls, raw: np.ndarray, w: int, h: int) -> "_Features":
+        """``raw``: (n, frame_bytes) uint8 yuv420p frames."""
+        n = raw.shape[0]
+        ysz, csz = w * h, (w // 2) * (h // 2)
+        y = raw[:, :ysz]
+        u = raw[:, ysz:ysz + csz]
+        v = raw[:, ysz + csz:ysz + 2 * csz]
+        rows = np.arange(n, dtype=np.int64)[:, None]
+        yb = (y >> 4).astype(np.int64) + rows * _Y_BINS
+        yh = np.bincount(yb.ravel(), minlength=n * _Y_BINS).reshape(n, _Y_BINS) / float(ysz)
+        cb = ((u >> (8 - _C_BITS)).astype(np.int64) << _C_BITS) | (v >> (8 - _C_BITS))
+        cb = cb + rows * _C_BINS
+        ch = np.bincount(cb.ravel(), minlength=n * _C_BINS).reshape(n, _C_BINS) / float(csz)
+        hist = np.concatenate([yh, ch], axis=1).astype(np.float32)
+        return cls(y.astype(np.int16), u.astype(np.int16), v.astype(np.int16), hist)
+
+    def __len__(self) -> int:
+        return self.y.shape[0]
+
+    def slice(self, start: int, stop: int | None = None) -> "_Features":
+        return _Features(self.y[start:stop], self.u[start:stop], self.v[start:stop], self.hist[start:stop])
+
+    @staticmethod
+    def concat(a: "_Features", b: "_Features") -> "_Features":
+        return _Features(*(np.concatenate([getattr(a, k), getattr(b, k)]) for k in _Features.__slots__))
+
+    def distance(self, gap: int) -> np.ndarray:
+        """``D(x, x+gap)`` for every x with both frames present (float32, length len-gap)."""
+        a, b = slice(None, -gap), slice(gap, None)
+        hy = np.abs(self.hist[a, :_Y_BINS] - self.hist[b, :_Y_BINS]).sum(axis=1)
+        hc = np.abs(self.hist[a, _Y_BINS:] - self.hist[b, _Y_BINS:]).sum(axis=1)
+        hist_d = (hy + hc) / 4.0  # each L1 is in [0, 2]
+        py = np.abs(self.y[a] - self.y[b]).mean(axis=1)
+        pu = np.abs(self.u[a] - self.u[b]).mean(axis=1)
+        pv = np.abs(self.v[a] - self.v[b]).mean(axis=1)
+        pix_d = (2.0 * py + pu + pv) / (4.0 * 255.0)
+        return ((hist_d + pix_d) / 2.0).astype(np.float32)
+
+
+class _Grow:
+    """Append-only float32 array (amortised doubling)."""
+
+    def __init__(self) -> None:
+        self.buf = np.empty(4096, dtype=np.float32)
+        self.n = 0
+
+    def extend(self, vals: np.ndarray) -> None:
+        need = self.n + len(vals)
+        if need > len(self.buf):
+            self.buf = np.resize(self.buf, max(need, 2 * len(self.buf)))
+        self.buf[self.n:need] = vals
+        self.n = need
+
+    def array(self, length: int) -> np.ndarray:
+        out = np.full(length, np.nan, dtype=np.float32)
+        k = min(length, self.n)
+        out[:k] = self.buf[:k]
+        return out
+
+
+def _decode_args(path: Path, size: tuple[int, int], rate: Fraction, threads: int) -> list[str]:
+    w, h = size
+    return [
+        ffmpeg_bin(), "-hide_banner", "-nostdin", "-loglevel", "error",
+        "-threads", str(threads), "-noautorotate", "-i", str(path),
+        "-map", "0:v:0", "-an", "-sn", "-dn",
+        # fast_bilinear: a 2-tap decimation costs next to nothing next to decoding, and the
+        # small aliasing it leaves is noise the adaptive ratio absorbs.
+        # fps first: a constant-rate stream at the rate used for frame <-> time (a no-op for a
+        # constant-rate source at its own rate; drops frames before scaling when resampling down)
+        "-vf", f"fps={rate.numerator}/{rate.denominator},scale={w}:{h}:flags=fast_bilinear",
+        "-fps_mode", "passthrough",
+        "-pix_fmt", "yuv420p", "-f", "rawvideo", "pipe:1",
+    ]
+
+
+def score_frames(
+    path: str | Path,
+    *,
+    analysis_width: int = DEFAULT_ANALYSIS_WIDTH,
+    fps: float | None = None,
+    lookback: int = DEFAULT_LOOKBACK,
+    persist_frames: int = DEFAULT_PERSIST_FRAMES,
+    threads: int = 0,
+) -> FrameScores:
+    """Decode ``path`` once (small frames, streaming) and return the per-frame signals."""
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidMediaError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise InvalidMediaError(f"{path.name}: file is empty (0 bytes)")
+    width, height, rate = _probe(path)
+    if fps is not None:
+        if not (fps > 0 and math.isfinite(fps)):
+            raise ValueError(f"fps must be positive, got {fps!r}")
+        if abs(float(rate) - fps) > 1e-3 * fps:  # caller wants another rate: resample to it
+            rate = Fraction(fps).limit_denominator(1001)
+        out_fps = float(fps)
+    else:
+        out_fps = float(rate)
+    size = analysis_size_for(width, height, analysis_width)
+    w, h = size
+    frame_bytes = w * h + 2 * (w // 2) * (h // 2)
+    chunk_frames = max(16, _CHUNK_BYTES // frame_bytes)
+    max_gap = max(1, lookback + persist_frames - 1)
+
+    gaps = [_Grow() for _ in range(max_gap)]  # gaps[g-1] holds D(x, x+g) for x = 0, 1, ...
+    buf = bytearray(chunk_frames * frame_bytes)
+    view = memoryview(buf)
+    tail: _Features | None = None  # last max_gap frames of the previous chunk
+    total = 0
+    t0 = time.perf_counter()
+    with tempfile.TemporaryFile() as errf, slot():
+        proc = subprocess.Popen(
+            _decode_args(path, size, rate, threads), stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=errf, bufsize=0,
+        )
+        try:
+            assert proc.stdout is not None
+            while True:
+                got = 0
+                while got < len(buf):
+                    k = proc.stdout.readinto(view[got:])
+                    if not k:
+                        break
+                    got += k
+                n = got // frame_bytes
+                if n:
+                    raw = np.frombuffer(buf, dtype=np.uint8, count=n * frame_bytes).reshape(n, frame_bytes)
+                    feats = _Features.from_raw(raw, w, h)
+                    cat = feats if tail is None else _Features.concat(tail, feats)
+                    base = total - (0 if tail is None else len(tail))  # global index of cat[0]
+                    for g in range(1, max_gap + 1):
+                        if len(cat) > g:
+                            d = cat.distance(g)  # D(x, x+g) for x = base .. base+len(cat)-g-1
+                            gaps[g - 1].extend(d[gaps[g - 1].n - base:])
+                    total += n
+                    tail = cat.slice(max(0, len(cat) - max_gap))
+                if got < len(buf):
+                    break
+            rc = proc.wait()
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        finally:
+            if proc.stdout is not None:
+                proc.stdout.close()
+        errf.seek(0)
+        stderr = errf.read().decode("utf-8", "replace")
+    elapsed = time.perf_counter() - t0
+    if rc < 0:  # killed by a signal (OOM killer, operator): not the input's fault
+        raise FFmpegError(f"scene detection decode of {path.name} killed (signal {-rc})", stderr=stderr,
+                          permanent=False)
+    if rc != 0 and total == 0:
+        raise InvalidMediaError(f"{path.name}: cannot decode video: {_tail(stderr) or f'exit code {rc}'}")
+    if rc != 0:
+        raise InvalidMediaError(
+            f"{path.name}: decoding failed after {total} frames: {_tail(stderr) or f'exit code {rc}'}")
+    if total == 0:
+        raise InvalidMediaError(f"{path.name}: the video stream decoded to no frames")
+    gap_arrays = tuple(g.array(total) for g in gaps)
+    score = np.zeros(total, dtype=np.float32)
+    score[1:] = gap_arrays[0][:-1]
+    return FrameScores(
+        fps=out_fps, frame_count=total, score=score, gap=gap_arrays, analysis_size=size,
+        decode_seconds=elapsed, lookback=lookback, persist_frames=persist_frames,
+    )
+
+
+# -- decisions --------------------------------------------------------------------------------------
+def find_cuts(
+    scores: FrameScores,
+    *,
+    threshold: float = DEFAULT_THRESHOLD,
+    min_score: float = DEFAULT_MIN_SCORE,
+    window: int = DEFAULT_WINDOW,
+    persist_ratio: float = DEFAULT_PERSIST_RATIO,
+    min_gap: int = DEFAULT_MIN_GAP,
+    suppress_flashes: bool = True,
+) -> tuple[int, ...]:
+    """Cut frames (first frame of each new scene) from the per-frame signals."""
+    n = scores.frame_count
+    if n < 2:
+        return ()
+    s = scores.score.astype(np.float64)
+    base = scores.baseline(window)
+    ok = (s >= min_score) & (s >= threshold * base)
+    if suppress_flashes:
+        m = scores.persistence()
+        ok &= m >= np.maximum(min_score, persist_ratio * s)
+    ok[0] = False
+    # Non-maximum suppression: of candidates closer than min_gap frames keep the strongest (a
+    # flash next to a cut makes two candidates, one frame apart; the cut is one of them).
+    cand = np.flatnonzero(ok)
+    blocked = np.zeros(n, dtype=bool)
+    kept: list[int] = []
+    for i in sorted(cand.tolist(), key=lambda k: (-s[k], k)):
+        if not blocked[i]:
+            kept.append(i)
+            blocked[max(0, i - min_gap): i + min_gap + 1] = True
+    return tuple(sorted(kept))
+
+
+def split_scenes(
+    cut_frames: tuple[int, ...] | list[int], frame_count: int, fps: float, min_scene_s: float
+) -> tuple[tuple[Scene, ...], tuple[Scene, ...]]:
+    """(kept, dropped) scenes tiling ``[0, frame_count)`` at ``cut_frames``."""
+    bounds = [0] + sorted(c for c in set(cut_frames) if 0 < c < frame_count) + [frame_count]
+    kept: list[Scene] = []
+    dropped: list[Scene] = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        sc = Scene(start_frame=a, end_frame=b, start_s=a / fps, end_s=b / fps)
+        # a small epsilon so that a scene of exactly min_scene_s (in whole frames) is kept
+        (kept if (b - a) / fps >= min_scene_s - 1e-9 else dropped).append(sc)
+    return tuple(kept), tuple(dropped)
+
+
+def detect_scenes(
+    path: str | Path,
+    *,
+    threshold: float = DEFAULT_THRESHOLD,
+    min_scene_s: float = 1.0,
+    analysis_width: int = DEFAULT_ANALYSIS_WIDTH,
+    fps: float | None = None,
+    min_score: float = DEFAULT_MIN_SCORE,
+    window: int = DEFAULT_WINDOW,
+    persist_frames: int = DEFAULT_PERSIST_FRAMES,
+    threads: int = 0,
+) -> SceneDetectionResult:
+    """Detect hard cuts in ``path`` and split it into scenes (see the module docstring).
+
+    ``threshold`` is the adaptive ratio a frame's score must reach over its neighbours' median;
+    ``min_score`` the absolute floor of a cut's score (0..1); ``fps`` the frame rate the caller
+    uses for frame <-> time (default: the stream's); ``threads`` ffmpeg's decoder threads
+    (0 = auto). Raises :class:`InvalidMediaError` for missing, empty or undecodable input.
+    """
+    if threshold <= 0:
+        raise ValueError(f"threshold must be positive, got {threshold!r}")
+    if min_scene_s < 0:
+        raise ValueError(f"min_scene_s must be >= 0, got {min_scene_s!r}")
+    sc = score_frames(path, analysis_width=analysis_width, fps=fps, persist_frames=persist_frames,
+                      threads=threads)
+    cuts = find_cuts(sc, threshold=threshold, min_score=min_score, window=window)
+    kept, dropped = split_scenes(cuts, sc.frame_count, sc.fps, min_scene_s)
+    return SceneDetectionResult(
+        fps=sc.fps, frame_count=sc.frame_count, cut_frames=cuts, scenes=kept, dropped=dropped,
+        analysis_size=sc.analysis_size, decode_seconds=sc.decode_seconds,
+    )
+
+
+__all__ = [
+    "Scene", "SceneDetectionResult", "FrameScores", "detect_scenes", "score_frames", "find_cuts",
+    "split_scenes", "analysis_size_for",
+]
