@@ -40,6 +40,14 @@ def live_clips(db, video_id: int) -> list[Clip]:
     return [c for c in clips_of(db, video_id) if c.state not in dead]
 
 
+def current_cut(db, video_id: int) -> list[Clip]:
+    """The clips that make up the source's current cut: every clip not replaced by a split or merge
+    (a clip the reviewer archived still marks its frames as reviewed and dropped, not as a gap)."""
+    clips = clips_of(db, video_id)
+    replaced = {p for c in clips for p in (c.parent_clip_ids or [])}
+    return [c for c in clips if c.id not in replaced]
+
+
 def assert_tiles(spans: list[tuple[int, int]], frame_count: int, dropped: list[tuple[int, int]] = ()) -> None:
     """Spans (plus dropped ones) cover [0, frame_count) with no gap and no overlap."""
     allspans = sorted([*spans, *dropped])

@@ -100,7 +100,7 @@ class Clip(TimestampMixin, Base):
     retry_count: Mapped[int] = mapped_column(Integer, server_default="0")
     version: Mapped[int] = mapped_column(Integer, server_default="0")
     reviewed_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
-    pending_op: Mapped[Optional[dict[str, Any]]] = mapped_column(JSONB)  # a split/merge waiting out its undo window
+    pending_op: Mapped[Optional[dict[str, Any]]] = mapped_column(JSONB(none_as_null=True))  # a split/merge waiting out its undo window
     lease_owner: Mapped[Optional[str]] = mapped_column(Text)
     lease_expires_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
 
@@ -144,7 +144,7 @@ class ReviewEvent(TimestampMixin, Base):
     outcome: Mapped[Optional[str]] = mapped_column(String(16))
     reason: Mapped[Optional[str]] = mapped_column(Text)
     # For undo: {clip_id: {"before": state, "after": state, "group_id": ...}} of every clip it changed.
-    undo_info: Mapped[Optional[dict[str, Any]]] = mapped_column(JSONB)
+    undo_info: Mapped[Optional[dict[str, Any]]] = mapped_column(JSONB(none_as_null=True))
     undone_by: Mapped[Optional[int]] = mapped_column(BigInteger)
 
 
