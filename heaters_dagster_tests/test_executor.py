@@ -30,6 +30,8 @@ def handler(ctx, item):
         raise InvalidMediaError(f"clip {item.id} is not a video")
     if outcome == "transient":
         raise TransientError("storage briefly unavailable")
+    if outcome == "interrupt":
+        raise KeyboardInterrupt()
     if outcome == "bug":
         raise ZeroDivisionError("division by zero")
     path = Path(ctx.workdir) / "sprite.jpg"
@@ -158,3 +160,20 @@ def test_failed_commit_takes_stored_files_back_out(defs, db, store, instance, mo
     with db.session() as s:
         assert s.execute(select(ClipArtifact)).first() is None  # no row without a file
     assert row_of(db, "clip", cid).state == "sprite_failed"
+
+
+def test_interrupted_run_hands_unfinished_items_back(defs, db, instance):
+    import logging
+
+    vid = make_video(db)
+    ids = make_clips(db, vid, [(0, 24), (24, 48), (48, 72)])
+    BEHAVIOUR[ids[1]] = ["interrupt"]
+    from heaters_dagster.resources.executor import StageExecutor
+
+    executor = StageExecutor(database=defs.resources["database"], storage=defs.resources["storage"], max_parallel=1)
+    with pytest.raises(KeyboardInterrupt):
+        executor.execute(TEST_STAGE, ids, defs.resources["artifact_io_manager"], log=logging.getLogger("t"))
+    assert row_of(db, "clip", ids[0]).state == "pending_review"  # finished before the interruption
+    for cid in ids[1:]:  # interrupted and never started: back to ready, with a new version for the sensor
+        row = row_of(db, "clip", cid)
+        assert (row.state, row.version) == ("spliced", 1) and row.last_error.startswith("interrupted")

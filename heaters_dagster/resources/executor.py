@@ -73,7 +73,7 @@ class StageExecutor(dg.ConfigurableResource):
 
     database: DatabaseResource
     storage: StorageResource
-    max_parallel: int = 2
+    max_parallel: int = 2  # items of one run processed at once (ffmpeg itself is bounded too)
     scratch_dir: Optional[str] = None
     stage_params: dict[str, dict[str, Any]] = {}
 
@@ -116,34 +116,54 @@ class StageExecutor(dg.ConfigurableResource):
                                   started)
                 shutil.rmtree(Path(tmp) / str(item.id), ignore_errors=True)
 
-            items = [snapshots[i] for i in claimed if i in snapshots]
-            if stage.batch_handler:
-                started = time.monotonic()
-                try:
-                    outcomes = stage.handler_fn(ctx_for(0), items)
-                except Exception as exc:  # the whole batch failed the same way
-                    outcomes = {item.id: exc for item in items}
-                for item in items:
-                    finish(item, outcomes.get(item.id, RuntimeError("handler returned no output")), started)
-            else:
-                def one(item: ItemSnapshot) -> None:
+            try:
+                items = [snapshots[i] for i in claimed if i in snapshots]
+                if stage.batch_handler:
                     started = time.monotonic()
                     try:
-                        ctx = ctx_for(item.id)
-                        ctx.info(item, "started (attempt %d)", attempt + 1)
-                        out: ItemOutput | BaseException = stage.handler_fn(ctx, item)
-                    except Exception as exc:
-                        out = exc
-                    finish(item, out, started)
-
-                workers = max(1, min(self.max_parallel, len(items)))
-                if workers == 1:
+                        outcomes = stage.handler_fn(ctx_for(0), items)
+                    except Exception as exc:  # the whole batch failed the same way
+                        outcomes = {item.id: exc for item in items}
                     for item in items:
-                        one(item)
+                        finish(item, outcomes.get(item.id, RuntimeError("handler returned no output")), started)
                 else:
-                    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"heaters-{stage.name}") as pool:
-                        list(pool.map(one, items))
+                    def one(item: ItemSnapshot) -> None:
+                        started = time.monotonic()
+                        try:
+                            ctx = ctx_for(item.id)
+                            ctx.info(item, "started (attempt %d)", attempt + 1)
+                            out: ItemOutput | BaseException = stage.handler_fn(ctx, item)
+                        except Exception as exc:
+                            out = exc
+                        finish(item, out, started)
+
+                    workers = max(1, min(self.max_parallel, len(items)))
+                    if workers == 1:
+                        for item in items:
+                            one(item)
+                    else:
+                        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"heaters-{stage.name}") as pool:
+                            list(pool.map(one, items))
+            except BaseException as exc:  # interrupted (run terminated, Ctrl+C): hand unfinished items back
+                self._release_unfinished(stage, claimed, report, log, exc)
+                raise
         return report
+
+    def _release_unfinished(self, stage: Stage, claimed: list[int], report: BatchReport, log: Any,
+                            exc: BaseException) -> None:
+        """Put claimed items that did not finish back in the input state with a new version, so the
+        sensor requests them again instead of leaving them stuck in the in-progress state."""
+        done = set(report.succeeded) | set(report.permanent) | set(report.transient)
+        for item_id in claimed:
+            if item_id in done:
+                continue
+            try:
+                with self.database.session() as session:
+                    transition(session, stage.entity, item_id, stage.in_progress_state, stage.retry_state,
+                               error=f"interrupted: {type(exc).__name__}", bump_version=True)
+                log.warning(f"[{stage.name}] {stage.entity} {item_id}: interrupted, returned to {stage.retry_state}")
+            except Exception as db_exc:  # noqa: BLE001 - best effort while shutting down
+                log.error(f"[{stage.name}] {stage.entity} {item_id}: could not release after interruption: {db_exc}")
 
     # ------------------------------------------------------------------------------------------
     def _claim(self, stage: Stage, item_ids: list[int], report: BatchReport, log: Any) -> list[int]:
