@@ -463,6 +463,24 @@ def create_app(database: DatabaseResource, store: ArtifactStore, *, token: str |
         data = await run_in_threadpool(work)
         return _ok(data) if data else _error(f"clip {clip_id} does not exist", 404)
 
+    @endpoint
+    async def similar(request: Request) -> Response:
+        from heaters_dagster.errors import HeatersError
+        from heaters_dagster.review.similar import similar_clips
+
+        clip_id = parse_id(request.path_params["clip_id"], "clip_id")
+
+        def work() -> Response:
+            try:
+                with database.session() as s:
+                    return _ok(similar_clips(s, store, clip_id))
+            except LookupError as exc:
+                return _error(str(exc), 404)
+            except HeatersError as exc:  # no sprite yet, model weights not available offline, ...
+                return _error(str(exc), 503)
+
+        return await run_in_threadpool(work)
+
     def lease_route(renew: bool) -> Callable[[Request], Any]:
         @endpoint
         async def handler(request: Request) -> Response:
@@ -504,6 +522,7 @@ def create_app(database: DatabaseResource, store: ArtifactStore, *, token: str |
         Route("/api/events", post_event, methods=["POST"]),
         Route("/api/events/{event_id}", get_event, methods=["GET"]),
         Route("/api/clips/{clip_id}/neighbours", neighbours, methods=["GET"]),
+        Route("/api/clips/{clip_id}/similar", similar, methods=["GET"]),
         Route("/api/clips/{clip_id}/lease", lease_route(True), methods=["POST"]),
         Route("/api/clips/{clip_id}/release", lease_route(False), methods=["POST"]),
         Mount("/static", app=StaticFiles(directory=STATIC_DIR), name="static"),

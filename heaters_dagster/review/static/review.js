@@ -314,6 +314,28 @@
     renderTarget();
     render();
     loadNeighbours(clip.id);
+    loadSimilar(clip.id);
+  }
+
+  async function loadSimilar(clipId) {
+    const box = $("similar");
+    box.textContent = "";
+    const res = await api_("GET", "/api/clips/" + clipId + "/similar");
+    if (!S.clip || S.clip.id !== clipId) return;
+    const items = res.status === 200 ? res.data.clips : [];
+    if (!items.length) {
+      const li = document.createElement("li");
+      li.className = "dim";
+      li.textContent = res.status === 200 ? "no embedded clips yet" : "unavailable: " + ((res.data && res.data.error) || res.status);
+      box.appendChild(li);
+      return;
+    }
+    items.forEach(function (c) {
+      const li = document.createElement("li");
+      li.textContent = "clip " + c.id + " · " + (100 * c.similarity).toFixed(1) + "% · video " + c.source_video_id +
+        " · " + c.start_s.toFixed(2) + "–" + c.end_s.toFixed(2) + " s";
+      box.appendChild(li);
+    });
   }
 
   async function loadNeighbours(clipId) {

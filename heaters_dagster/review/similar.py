@@ -1,0 +1,56 @@
+""""Similar clips" for the review page.
+
+A clip under review has no embedding yet (only approved clips are embedded), so its vector is
+computed on the fly from the middle tile of its sprite sheet with the embedding stage's model
+(loaded once per process); a clip that already has a stored vector uses that. The neighbours
+come from the same pgvector search as ``heaters search``.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+from PIL import Image
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from heaters_dagster.database.models import Clip, ClipArtifact
+from heaters_dagster.errors import PermanentError
+from heaters_dagster.pipeline.handlers import embedding_spec
+from heaters_dagster.search import clip_vector, search_vector
+from heaters_dagster.stages import get_stage
+from heaters_dagster.storage import ArtifactStore
+
+
+def middle_tile(sprite_jpeg: bytes, layout: dict[str, Any]) -> Image.Image:
+    """Crop the sprite tile in the middle of the clip."""
+    with Image.open(io.BytesIO(sprite_jpeg)) as im:
+        n = max(1, int(layout["frame_count"]))
+        i = n // 2
+        cols, tw, th = int(layout["cols"]), int(layout["tile_width"]), int(layout["tile_height"])
+        x, y = (i % cols) * tw, (i // cols) * th
+        return im.convert("RGB").crop((x, y, x + tw, y + th))
+
+
+def similar_clips(session: Session, store: ArtifactStore, clip_id: int, k: int = 6) -> dict[str, Any]:
+    from heaters_dagster.media.embedding import ClipEmbedder
+
+    if session.get(Clip, clip_id) is None:
+        raise LookupError(f"clip {clip_id} does not exist")
+    params = get_stage("embedding").params
+    spec = embedding_spec(params)
+    strategy = params["strategy"]
+    try:
+        vector, basis = clip_vector(session, clip_id, spec.model_id, strategy), "stored embedding"
+    except PermanentError:
+        sprite = session.execute(select(ClipArtifact).where(ClipArtifact.clip_id == clip_id,
+                                                            ClipArtifact.artifact_type == "sprite")).scalar()
+        if sprite is None:
+            raise PermanentError(f"clip {clip_id} has no sprite sheet yet") from None
+        tile = middle_tile(store.read_bytes(sprite.storage_key), sprite.meta)
+        vector, basis = ClipEmbedder.load(spec).embed_images([tile])[0], "middle sprite frame"
+    hits = search_vector(session, vector, model_id=spec.model_id, strategy=strategy, k=k, exclude_clip_id=clip_id)
+    return {"clip_id": clip_id, "model_id": spec.model_id, "basis": basis,
+            "clips": [{"id": h.clip_id, "similarity": round(h.similarity, 4), "source_video_id": h.source_video_id,
+                       "start_s": h.start_s, "end_s": h.end_s} for h in hits]}
