@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -244,6 +245,8 @@ def dev(ctx: click.Context) -> None:
     root = project_root()
     click.echo(f"DAGSTER_HOME={home}\nHEATERS_DATABASE_URL={os.environ['HEATERS_DATABASE_URL']}")
     dagster = Path(sys.executable).with_name("dagster")
+    # A SIGTERM (service manager, `timeout`) exits through atexit so the embedded server stops too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     cmd = [str(dagster if dagster.exists() else "dagster"), "dev", "-w", str(root / "workspace.yaml"), *ctx.args]
     try:
         sys.exit(subprocess.call(cmd, cwd=root))
