@@ -245,12 +245,24 @@ def dev(ctx: click.Context) -> None:
     root = project_root()
     click.echo(f"DAGSTER_HOME={home}\nHEATERS_DATABASE_URL={os.environ['HEATERS_DATABASE_URL']}")
     dagster = Path(sys.executable).with_name("dagster")
-    # A SIGTERM (service manager, `timeout`) exits through atexit so the embedded server stops too.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     cmd = [str(dagster if dagster.exists() else "dagster"), "dev", "-w", str(root / "workspace.yaml"), *ctx.args]
+    child = subprocess.Popen(cmd, cwd=root)
+
+    def stop(*_: object) -> None:
+        # A SIGTERM (service manager, `timeout`) stops Dagster, then exits through atexit so the
+        # embedded server stops too.
+        child.terminate()
+        try:
+            child.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            child.kill()
+        sys.exit(143)
+
+    signal.signal(signal.SIGTERM, stop)
     try:
-        sys.exit(subprocess.call(cmd, cwd=root))
+        sys.exit(child.wait())
     except KeyboardInterrupt:
+        child.wait()
         sys.exit(130)
 
 
