@@ -5,14 +5,12 @@ every bad input ending in a failed state with a message while the good video goe
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 
 import pytest
 from PIL import Image
 
 from heaters_dagster.media.ffmpeg_tools import ffmpeg_bin
-from heaters_dagster.media.scenes import detect_scenes
 from heaters_dagster.media.synthetic import make_video
 from heaters_dagster_tests.factories import row_of
 from heaters_dagster_tests.pipeline_helpers import (

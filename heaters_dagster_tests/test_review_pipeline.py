@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import shutil
 
-import cv2
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select, text
 
 from heaters_dagster.database.models import ReviewEvent
-from heaters_dagster.media.synthetic import make_video, read_frame_number
+from heaters_dagster.media.synthetic import make_video, read_frame_numbers
 from heaters_dagster.review.events import process_pending_events, record_event
 from heaters_dagster.state_machine import CLIP_STATES
 from heaters_dagster_tests.conftest import TABLES
@@ -40,14 +39,7 @@ def _setup_source(db, store, source, spans, state="pending_review"):
 
 
 def _frames_of(path):
-    cap = cv2.VideoCapture(str(path))
-    out = []
-    while True:
-        ok, frame = cap.read()
-        if not ok:
-            break
-        out.append(read_frame_number(frame))
-    return out
+    return read_frame_numbers(path)
 
 
 def _ev(db, clip_id, action, **payload):

@@ -138,3 +138,20 @@ def read_frame_number(image: np.ndarray) -> int:
         if img[row, x] > 128:
             value |= 1 << k
     return value
+
+
+def read_frame_numbers(path: str | Path) -> list[int]:
+    """Decode every frame of a ``number_frames=True`` video (or a cut of one) back to its index."""
+    import cv2
+
+    cap = cv2.VideoCapture(str(path))
+    out: list[int] = []
+    try:
+        while True:
+            ok, img = cap.read()
+            if not ok:
+                break
+            out.append(read_frame_number(img))
+    finally:
+        cap.release()
+    return out

@@ -7,7 +7,6 @@ import math
 import subprocess
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 
@@ -15,22 +14,14 @@ from heaters_dagster.errors import FFmpegError, InvalidMediaError, PermanentErro
 from heaters_dagster.media import clips as clips_mod
 from heaters_dagster.media.clips import ClipFile, cut_clips, cut_range
 from heaters_dagster.media.ffmpeg_tools import ffmpeg_bin, ffprobe_bin
-from heaters_dagster.media.synthetic import SyntheticVideo, make_video, read_frame_number
+from heaters_dagster.media.synthetic import SyntheticVideo, make_video, read_frame_numbers
 
 FPS = 24
 BEEP_EVERY = 12  # frames between audio beeps in the source
 
 
 def frame_numbers(path: Path) -> list[int]:
-    cap = cv2.VideoCapture(str(path))
-    out = []
-    while True:
-        ok, img = cap.read()
-        if not ok:
-            break
-        out.append(read_frame_number(img))
-    cap.release()
-    return out
+    return read_frame_numbers(path)
 
 
 def streams(path: Path) -> dict[str, dict]:

@@ -9,14 +9,13 @@ import subprocess
 from itertools import pairwise
 from pathlib import Path
 
-import cv2
 import pytest
 
 from heaters_dagster.errors import InvalidMediaError, classify
 from heaters_dagster.media.ffmpeg_tools import ffmpeg_bin, ffprobe_bin
 from heaters_dagster.media.normalize import normalize
 from heaters_dagster.media.probe import check_decodable, probe
-from heaters_dagster.media.synthetic import SyntheticVideo, make_video, read_frame_number
+from heaters_dagster.media.synthetic import SyntheticVideo, make_video, read_frame_numbers
 
 
 def ffmpeg(*args: str) -> None:
@@ -24,15 +23,7 @@ def ffmpeg(*args: str) -> None:
 
 
 def frame_numbers(path: Path) -> list[int]:
-    cap = cv2.VideoCapture(str(path))
-    out = []
-    while True:
-        ok, img = cap.read()
-        if not ok:
-            break
-        out.append(read_frame_number(img))
-    cap.release()
-    return out
+    return read_frame_numbers(path)
 
 
 def video_pts(path: Path) -> list[float]:

@@ -288,3 +288,12 @@ def test_audio_only_file(tmp_path: Path) -> None:
                     "sine=frequency=440:duration=1", "-c:a", "aac", str(p)], check=True)
     with pytest.raises(InvalidMediaError, match="no video stream"):
         detect_scenes(p)
+
+
+def test_truncated_file_with_no_decodable_frame(media: Path, tmp_path: Path) -> None:
+    video = make_video(media / "whole.mp4", (1.0, 1.0), fps=24, audio=False)
+    data = video.path.read_bytes()
+    p = tmp_path / "truncated.mp4"
+    p.write_bytes(data[: max(64, len(data) // 50)])  # the header and almost no frame data
+    with pytest.raises(InvalidMediaError, match="truncated.mp4"):
+        detect_scenes(p)
