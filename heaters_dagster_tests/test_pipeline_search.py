@@ -148,4 +148,14 @@ def test_hnsw_index_serves_filtered_queries(sdefs, db, instance):
         hits = search_by_clip(s, ids[0], model_id=MODEL_ID, strategy="keyframe_multi_avg", k=10,
                               source_video_id=vids[1])
     assert len(hits) == 10 and {h.source_video_id for h in hits} == {vids[1]}
+
+    # a rare state filter (with the index walk capped) still returns every match
+    with db.session() as s:
+        s.execute(text("UPDATE clips SET state = 'review_approved' WHERE id = ANY(:ids)"), {"ids": ids[::9]})
+    with db.session() as s:
+        s.execute(text("SET LOCAL hnsw.max_scan_tuples = 20"))
+        s.execute(text("SET LOCAL enable_seqscan = off"))
+        hits = search_by_clip(s, ids[1], model_id=MODEL_ID, strategy="keyframe_multi_avg", k=10,
+                              states=["review_approved"])
+    assert {h.state for h in hits} == {"review_approved"} and len(hits) == min(10, len(ids[::9]))
     _ = dg  # (dagster imported for fixtures' side effects)
