@@ -38,6 +38,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from heaters_dagster.media.embedding import (  # noqa: E402
+    DEFAULT_PRECISION,
     RANDOM_INIT_SEED,
     ClipEmbedder,
     EmbeddingModelSpec,
@@ -111,7 +112,9 @@ def cpu_info() -> dict:
                 info["model"] = line.split(":", 1)[1].strip()
             if line.startswith("flags"):
                 flags = line.split(":", 1)[1].split()
-                info["flags_avx512"] = sorted(f for f in flags if f.startswith("avx512") or f.startswith("amx"))
+                info["flags_avx512"] = sorted(
+                    f for f in flags if f.startswith("avx512") or f.startswith("amx")
+                )
                 info["avx2"] = "avx2" in flags
                 break
         for line in text.splitlines():
@@ -130,11 +133,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--width", type=int, default=480)
     ap.add_argument("--height", type=int, default=270)
     ap.add_argument("--model", default="ViT-B-32")
-    ap.add_argument("--precisions", default="auto,fp32", help="ClipEmbedder precisions to time (first = default spec)")
+    ap.add_argument(
+        "--precisions", default="auto,fp32", help="ClipEmbedder precisions to time (first = default spec)"
+    )
     ap.add_argument("--batch-size", type=int, default=EmbeddingModelSpec.batch_size)
     ap.add_argument("--repeats", type=int, default=1, help="alternating rounds; the median is reported")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch threads for both sides (default: the spec default, all cores); 1 is steadier on a busy machine")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads for both sides (default: the spec default, all cores); "
+        "1 is steadier on a busy machine",
+    )
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
 
@@ -151,8 +161,13 @@ def main(argv: list[str] | None = None) -> int:
         embedders = {}
         load_s = {}
         for prec in precisions:
-            spec = EmbeddingModelSpec(model_name=args.model, pretrained=None, precision=prec, batch_size=args.batch_size,
-                                      num_threads=args.threads)
+            spec = EmbeddingModelSpec(
+                model_name=args.model,
+                pretrained=None,
+                precision=prec,
+                batch_size=args.batch_size,
+                num_threads=args.threads,
+            )
             t = time.perf_counter()
             embedders[prec] = ClipEmbedder.load(spec)
             load_s[prec] = time.perf_counter() - t
@@ -178,46 +193,82 @@ def main(argv: list[str] | None = None) -> int:
                 vectors[prec] = e.embed_images(paths)
                 times[prec].append(time.perf_counter() - t)
                 cpu_times[prec].append(time.process_time() - c)
-            print(f"round {r + 1}/{args.repeats}: " + ", ".join(f"{k} {args.n / v[-1]:.2f} img/s" for k, v in times.items()),
-                  flush=True)
+            print(
+                f"round {r + 1}/{args.repeats}: "
+                + ", ".join(f"{k} {args.n / v[-1]:.2f} img/s" for k, v in times.items()),
+                flush=True,
+            )
 
     load1 = os.getloadavg()
     naive_ips = args.n / statistics.median(times["naive"])
-    rows = [{
-        "variant": "naive open_clip loop (fp32, batch 1)", "key": "naive", "precision": "fp32", "batch_size": 1,
-        "images_per_s": naive_ips, "speedup": 1.0, "cos_mean": 1.0, "cos_min": 1.0, "load_s": naive_load_s,
-        "round_images_per_s": [args.n / x for x in times["naive"]],
-        "cpu_ms_per_image": 1000 * statistics.median(cpu_times["naive"]) / args.n,
-    }]
+    rows = [
+        {
+            "variant": "naive open_clip loop (fp32, batch 1)",
+            "key": "naive",
+            "precision": "fp32",
+            "batch_size": 1,
+            "images_per_s": naive_ips,
+            "speedup": 1.0,
+            "cos_mean": 1.0,
+            "cos_min": 1.0,
+            "load_s": naive_load_s,
+            "round_images_per_s": [args.n / x for x in times["naive"]],
+            "cpu_ms_per_image": 1000 * statistics.median(cpu_times["naive"]) / args.n,
+        }
+    ]
     for i, (prec, e) in enumerate(embedders.items()):
         cos = np.sum(vectors["naive"] * vectors[prec], axis=1)
         ips = args.n / statistics.median(times[prec])
-        rows.append({
-            "variant": f"ClipEmbedder precision={prec}" + (" (default spec)" if i == 0 else ""),
-            "key": prec, "precision": e.precision, "batch_size": e.spec.batch_size,
-            "images_per_s": ips, "speedup": ips / naive_ips,
-            "cos_mean": float(cos.mean()), "cos_min": float(cos.min()), "load_s": load_s[prec],
-            "load_time_check": e.precision_check,
-            "round_images_per_s": [args.n / x for x in times[prec]],
-            "cpu_ms_per_image": 1000 * statistics.median(cpu_times[prec]) / args.n,
-        })
+        rows.append(
+            {
+                "variant": f"ClipEmbedder precision={prec}"
+                + (" (default spec)" if prec == DEFAULT_PRECISION else ""),
+                "key": prec,
+                "precision": e.precision,
+                "batch_size": e.spec.batch_size,
+                "images_per_s": ips,
+                "speedup": ips / naive_ips,
+                "cos_mean": float(cos.mean()),
+                "cos_min": float(cos.min()),
+                "load_s": load_s[prec],
+                "load_time_check": e.precision_check,
+                "round_images_per_s": [args.n / x for x in times[prec]],
+                "cpu_ms_per_image": 1000 * statistics.median(cpu_times[prec]) / args.n,
+            }
+        )
 
     print()
-    print(f"{'variant':48s} {'runs as':>7s} {'img/s':>8s} {'speedup':>8s} {'cos mean':>9s} {'cos min':>9s} "
-          f"{'CPU ms/img':>10s} {'load s':>7s}")
+    print(
+        f"{'variant':48s} {'runs as':>7s} {'img/s':>8s} {'speedup':>8s} {'cos mean':>9s} {'cos min':>9s} "
+        f"{'CPU ms/img':>10s} {'load s':>7s}"
+    )
     for row in rows:
-        print(f"{row['variant']:48s} {row['precision']:>7s} {row['images_per_s']:8.2f} {row['speedup']:7.2f}x "
-              f"{row['cos_mean']:9.5f} {row['cos_min']:9.5f} {row['cpu_ms_per_image']:10.1f} {row['load_s']:7.1f}")
+        print(
+            f"{row['variant']:48s} {row['precision']:>7s} {row['images_per_s']:8.2f} {row['speedup']:7.2f}x "
+            f"{row['cos_mean']:9.5f} {row['cos_min']:9.5f} "
+            f"{row['cpu_ms_per_image']:10.1f} {row['load_s']:7.1f}"
+        )
     cpu = cpu_info()
-    print(f"\n{args.n} JPEG {args.width}x{args.height}, model {args.model} (random init), torch {torch.__version__}, "
-          f"{threads} threads, CPU {cpu['model']!r}, AVX-512: {'yes' if cpu['has_avx512'] else 'no'}, "
-          f"load avg {load0[0]:.2f} -> {load1[0]:.2f}")
+    print(
+        f"\n{args.n} JPEG {args.width}x{args.height}, model {args.model} (random init), "
+        f"torch {torch.__version__}, "
+        f"{threads} threads, CPU {cpu['model']!r}, AVX-512: {'yes' if cpu['has_avx512'] else 'no'}, "
+        f"load avg {load0[0]:.2f} -> {load1[0]:.2f}"
+    )
 
     result = {
         "benchmark": "embedding",
-        "images": args.n, "image_size": [args.width, args.height], "model": args.model, "weights": "random (seeded)",
-        "repeats": args.repeats, "torch": torch.__version__, "threads": threads, "cpu": cpu,
-        "cpu_count": os.cpu_count(), "loadavg_start": load0, "loadavg_end": load1,
+        "images": args.n,
+        "image_size": [args.width, args.height],
+        "model": args.model,
+        "weights": "random (seeded)",
+        "repeats": args.repeats,
+        "torch": torch.__version__,
+        "threads": threads,
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "loadavg_start": load0,
+        "loadavg_end": load1,
         "rows": rows,
         "default_speedup": rows[1]["speedup"] if len(rows) > 1 else None,
         "default_cos_min": rows[1]["cos_min"] if len(rows) > 1 else None,

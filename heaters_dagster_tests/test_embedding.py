@@ -288,7 +288,9 @@ def copy_with_visual(model, visual):
 def test_int8_falls_back_to_fp32_when_the_check_fails(monkeypatch, caplog):
     monkeypatch.setattr(emb, "INT8_MIN_COSINE", 1.5)  # no int8 tower can pass this
     with caplog.at_level("WARNING", logger=emb.__name__):
-        e = ClipEmbedder._load_uncached(EmbeddingModelSpec(model_name=TINY_MODEL_NAME, pretrained=None, precision="int8"))
+        e = ClipEmbedder._load_uncached(
+            EmbeddingModelSpec(model_name=TINY_MODEL_NAME, pretrained=None, precision="int8")
+        )
     assert e.precision == "fp32"
     assert e.image_tower is e.model.visual
     assert "using fp32" in caplog.text
@@ -319,7 +321,9 @@ def test_aggregate_multi_avg_is_normalised_mean():
 def test_aggregate_midpoint_picks_mid_vector():
     v = _unit_rows(3, seed=1)
     np.testing.assert_allclose(aggregate(v, ["start", "mid", "end"], "keyframe_midpoint"), v[1], atol=1e-6)
-    np.testing.assert_allclose(aggregate(v, ["25pct", "75pct", "50pct"], "keyframe_midpoint"), v[2], atol=1e-6)
+    np.testing.assert_allclose(
+        aggregate(v, ["25pct", "75pct", "50pct"], "keyframe_midpoint"), v[2], atol=1e-6
+    )
     # 'mid' wins over '50pct' when both are there
     np.testing.assert_allclose(aggregate(v, ["50pct", "x", "mid"], "keyframe_midpoint"), v[2], atol=1e-6)
 
@@ -358,7 +362,9 @@ def _clips(tmp_path: Path) -> dict[int, list[tuple[str, Path]]]:
             tags = ["start", "50pct"]
         kfs = []
         for t in tags:
-            kfs.append((t, save_jpeg(pattern(k, w=160, h=90, seed=clip_id), tmp_path / f"c{clip_id}_{t}.jpg")))
+            kfs.append(
+                (t, save_jpeg(pattern(k, w=160, h=90, seed=clip_id), tmp_path / f"c{clip_id}_{t}.jpg"))
+            )
             k += 1
         clips[clip_id] = kfs
     return clips
@@ -446,7 +452,9 @@ def test_local_checkpoint_path_loads_those_weights(tiny, tmp_path, fmt):
         from safetensors.torch import save_file
 
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt))
-    spec = EmbeddingModelSpec(model_name=TINY_MODEL_NAME, pretrained=None, checkpoint_path=str(ckpt), precision="fp32")
+    spec = EmbeddingModelSpec(
+        model_name=TINY_MODEL_NAME, pretrained=None, checkpoint_path=str(ckpt), precision="fp32"
+    )
     sha = hashlib.sha256(ckpt.read_bytes()).hexdigest()
     assert spec.model_id == f"{TINY_MODEL_NAME}/ckpt:{sha[:16]}"
     loaded = ClipEmbedder.load(spec)
@@ -455,7 +463,9 @@ def test_local_checkpoint_path_loads_those_weights(tiny, tmp_path, fmt):
     images = [Image.fromarray(pattern(k, w=200, h=120)) for k in range(3)]
     got = loaded.embed_images(images)
     with torch.no_grad():
-        want = torch.nn.functional.normalize(model.encode_image(torch.stack([pre(i) for i in images])), dim=-1).numpy()
+        want = torch.nn.functional.normalize(
+            model.encode_image(torch.stack([pre(i) for i in images])), dim=-1
+        ).numpy()
         want_text = torch.nn.functional.normalize(
             model.encode_text(emb._open_clip().get_tokenizer(TINY_MODEL_NAME)(["a cat", "a car"])), dim=-1
         ).numpy()
@@ -485,8 +495,14 @@ def test_missing_named_weights_offline_raise_actionable_permanent_error(tmp_path
     with pytest.raises(PermanentError) as ei:
         ClipEmbedder.load(spec)
     msg = str(ei.value)
-    for needle in ("ViT-B-32/laion2b_s34b_b79k", str(empty), "HF_HUB_OFFLINE", "checkpoint_path", "HEATERS_MODEL_CACHE",
-                   "laion/CLIP-ViT-B-32-laion2B-s34B-b79K"):
+    for needle in (
+        "ViT-B-32/laion2b_s34b_b79k",
+        str(empty),
+        "HF_HUB_OFFLINE",
+        "checkpoint_path",
+        "HEATERS_MODEL_CACHE",
+        "laion/CLIP-ViT-B-32-laion2B-s34B-b79K",
+    ):
         assert needle in msg, needle
     assert spec not in emb._LOADED
 
@@ -504,7 +520,9 @@ def test_named_weights_found_in_prepopulated_hf_cache_offline(tiny, tmp_path, mo
     (cache / f"models--{repo.replace('/', '--')}" / "refs" / "main").write_text(rev)
     from safetensors.torch import save_file
 
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(snap / "open_clip_model.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()}, str(snap / "open_clip_model.safetensors")
+    )
     monkeypatch.setitem(ocp._PRETRAINED, TINY_MODEL_NAME, {"testtag": ocp._pcfg(hf_hub=f"{repo}/")})
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("HEATERS_MODEL_CACHE", raising=False)

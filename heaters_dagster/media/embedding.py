@@ -100,9 +100,11 @@ class EmbeddingModelSpec:
         ``pretrained`` value that is a path to an existing file, as open_clip also accepts)."""
         if self.checkpoint_path:
             return Path(self.checkpoint_path).expanduser()
-        if self.pretrained and (os.sep in self.pretrained or Path(self.pretrained).suffix) and Path(
+        if (
             self.pretrained
-        ).expanduser().is_file():
+            and (os.sep in self.pretrained or Path(self.pretrained).suffix)
+            and Path(self.pretrained).expanduser().is_file()
+        ):
             return Path(self.pretrained).expanduser()
         return None
 
@@ -441,7 +443,11 @@ def smooth_activation_outliers(tower: "torch.nn.Module", calib: "torch.Tensor", 
         if isinstance(getattr(mlp, "c_proj", None), nn.Linear):
             targets.append((mlp, "c_proj", None))
     targets = [
-        (parent, name, ln if isinstance(ln, nn.LayerNorm) and ln.weight is not None and ln.bias is not None else None)
+        (
+            parent,
+            name,
+            ln if isinstance(ln, nn.LayerNorm) and ln.weight is not None and ln.bias is not None else None,
+        )
         for parent, name, ln in targets
         if isinstance(getattr(parent, name), nn.Linear)
     ]
@@ -450,6 +456,7 @@ def smooth_activation_outliers(tower: "torch.nn.Module", calib: "torch.Tensor", 
     amax: dict[int, torch.Tensor] = {}
     hooks = []
     for i, (parent, name, _) in enumerate(targets):
+
         def hook(_mod, args, i=i):
             x = args[0].detach()
             m = x.abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
@@ -546,8 +553,16 @@ _LOAD_LOCK = threading.Lock()
 class ClipEmbedder:
     """A loaded CLIP model. Get one with :meth:`load` (cached per spec in this process)."""
 
-    def __init__(self, spec: EmbeddingModelSpec, model: Any, tokenizer: Any, device: str, image_tower: Any,
-                 precision: str, precision_check: dict[str, float] | None = None):
+    def __init__(
+        self,
+        spec: EmbeddingModelSpec,
+        model: Any,
+        tokenizer: Any,
+        device: str,
+        image_tower: Any,
+        precision: str,
+        precision_check: dict[str, float] | None = None,
+    ):
         import torch
 
         self.spec = spec
@@ -612,7 +627,8 @@ class ClipEmbedder:
         oc = _open_clip()
         if oc.get_model_config(spec.model_name) is None:
             raise PermanentError(
-                f"unknown CLIP architecture {spec.model_name!r}; known: {', '.join(oc.list_models()[:20])}, ..."
+                f"unknown CLIP architecture {spec.model_name!r}; "
+                f"known: {', '.join(oc.list_models()[:20])}, ..."
             )
         device = _resolve_device(spec.device)
         if device == "cpu":
@@ -764,7 +780,9 @@ class ClipEmbedder:
 
         if precision in ("bf16", "fp16"):
             dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-            return torch.autocast(device_type="cuda" if self.device.startswith("cuda") else "cpu", dtype=dtype)
+            return torch.autocast(
+                device_type="cuda" if self.device.startswith("cuda") else "cpu", dtype=dtype
+            )
         return contextlib.nullcontext()
 
     def _run_tower(self, tower: Any, batch: "torch.Tensor", precision: str) -> np.ndarray:
@@ -806,6 +824,7 @@ class ClipEmbedder:
         starts = list(range(0, n, bs))
         workers = max(1, min(4, _cpu_count()))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="clip-prep") as pool:
+
             def submit(start: int) -> list[Future]:
                 return [pool.submit(self._prepare, images[i]) for i in range(start, min(start + bs, n))]
 
@@ -821,14 +840,20 @@ class ClipEmbedder:
                             arrays.append(fut.result())
                             rows.append(start + j)
                         except (InvalidMediaError, OSError, ValueError, Image.DecompressionBombError) as exc:
-                            err = exc if isinstance(exc, InvalidMediaError) else InvalidMediaError(
-                                f"cannot read keyframe image {images[start + j]!r}: {exc}"
+                            err = (
+                                exc
+                                if isinstance(exc, InvalidMediaError)
+                                else InvalidMediaError(
+                                    f"cannot read keyframe image {images[start + j]!r}: {exc}"
+                                )
                             )
                             errors[start + j] = err
                     if arrays:
                         with self._infer_lock:
                             self._set_threads()
-                            out[rows] = self._run_tower(self.image_tower, self._to_batch(arrays), self.precision)
+                            out[rows] = self._run_tower(
+                                self.image_tower, self._to_batch(arrays), self.precision
+                            )
             except BaseException:
                 for futures in pending:
                     for fut in futures:
@@ -857,7 +882,10 @@ class ClipEmbedder:
         return out
 
     def __repr__(self) -> str:
-        return f"ClipEmbedder({self.model_id!r}, dim={self.dim}, device={self.device!r}, precision={self.precision!r})"
+        return (
+            f"ClipEmbedder({self.model_id!r}, dim={self.dim}, device={self.device!r}, "
+            f"precision={self.precision!r})"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -882,7 +910,9 @@ def aggregate(vectors: np.ndarray, tags: Sequence[str], strategy: str) -> np.nda
         raise PermanentError(f"unknown embedding strategy {strategy!r}; use one of {STRATEGIES}")
     vectors = np.asarray(vectors, dtype=np.float32)
     if vectors.ndim != 2 or vectors.shape[0] == 0:
-        raise PermanentError(f"need a non-empty (n, dim) array of keyframe vectors, got shape {vectors.shape}")
+        raise PermanentError(
+            f"need a non-empty (n, dim) array of keyframe vectors, got shape {vectors.shape}"
+        )
     tags = list(tags)
     if len(tags) != vectors.shape[0]:
         raise PermanentError(f"{len(tags)} tags for {vectors.shape[0]} keyframe vectors")
@@ -892,7 +922,9 @@ def aggregate(vectors: np.ndarray, tags: Sequence[str], strategy: str) -> np.nda
         return _l2(vectors.mean(axis=0), "the mean keyframe vector")
     idx = _midpoint_index(tags)
     if idx is None:
-        raise PermanentError(f"strategy keyframe_midpoint needs a keyframe tagged 'mid' or '50pct'; got tags {tags}")
+        raise PermanentError(
+            f"strategy keyframe_midpoint needs a keyframe tagged 'mid' or '50pct'; got tags {tags}"
+        )
     return _l2(vectors[idx], f"keyframe {tags[idx]!r}")
 
 
@@ -972,6 +1004,10 @@ def embed_clip_keyframes(
             fail(clip_id, PermanentError(f"clip {clip_id}: {exc}"))
             continue
         results[clip_id] = EmbeddingResult(
-            model_id=embedder.model_id, strategy=strategy, dim=embedder.dim, vector=vec, keyframe_count=len(rows)
+            model_id=embedder.model_id,
+            strategy=strategy,
+            dim=embedder.dim,
+            vector=vec,
+            keyframe_count=len(rows),
         )
     return results
