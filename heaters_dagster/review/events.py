@@ -93,6 +93,11 @@ def _move(session: Session, clip: Clip, to_state: str, info: dict[str, Any], **v
     session.refresh(clip)
 
 
+def _require_reviewable(clip: Clip, verb: str) -> None:
+    if clip.state not in REVIEWABLE:
+        raise Rejected(f"clip {clip.id} is {clip.state}; only clips waiting for review can be {verb}")
+
+
 def _check_alive(clip: Clip) -> None:
     if clip.state in CLIP_DEAD_STATES:
         raise Rejected(f"clip {clip.id} is archived ({clip.state})")
@@ -119,12 +124,10 @@ def _apply(session: Session, ev: ReviewEvent, now: datetime) -> dict[str, Any]:
     if action == "approve":
         if clip.state == C.REVIEW_APPROVED:
             raise Rejected(f"clip {clip.id} is already approved")
-        if clip.state not in REVIEWABLE:
-            raise Rejected(f"clip {clip.id} is {clip.state}; only clips waiting for review can be approved")
+        _require_reviewable(clip, "approved")
         _move(session, clip, C.REVIEW_APPROVED, info, **reviewed)
     elif action == "skip":
-        if clip.state not in REVIEWABLE:
-            raise Rejected(f"clip {clip.id} is {clip.state}; only clips waiting for review can be skipped")
+        _require_reviewable(clip, "skipped")
         if clip.state == C.REVIEW_SKIPPED:  # skipping again sends it to the back of the queue
             info[str(clip.id)] = {"before": clip.state, "after": clip.state, "group_id": clip.group_id,
                                   "pending_op": clip.pending_op}
@@ -132,12 +135,10 @@ def _apply(session: Session, ev: ReviewEvent, now: datetime) -> dict[str, Any]:
         else:
             _move(session, clip, C.REVIEW_SKIPPED, info, **reviewed)
     elif action == "archive":
-        if clip.state not in REVIEWABLE:
-            raise Rejected(f"clip {clip.id} is {clip.state}; only clips waiting for review can be archived")
+        _require_reviewable(clip, "archived")
         _move(session, clip, C.REVIEW_ARCHIVED, info, **reviewed)
     elif action == "split":
-        if clip.state not in REVIEWABLE:
-            raise Rejected(f"clip {clip.id} is {clip.state}; only clips waiting for review can be split")
+        _require_reviewable(clip, "split")
         frame = int(ev.payload["frame"])
         n = clip.end_frame - clip.start_frame
         if not 1 <= frame <= n - 1:
@@ -149,8 +150,7 @@ def _apply(session: Session, ev: ReviewEvent, now: datetime) -> dict[str, Any]:
               "ready_at": (now + timedelta(seconds=undo_window_s())).isoformat()}
         _move(session, clip, C.SPLIT_PENDING, info, pending_op=op, **reviewed)
     elif action == "merge":
-        if clip.state not in REVIEWABLE:
-            raise Rejected(f"clip {clip.id} is {clip.state}; only clips waiting for review can be merged")
+        _require_reviewable(clip, "merged")
         prev = _previous_neighbour(session, clip)
         target_id = ev.payload.get("target_clip_id")
         if target_id is not None and (prev is None or prev.id != target_id):
