@@ -15,6 +15,7 @@ from heaters_dagster.media import clips as clips_mod
 from heaters_dagster.media.clips import ClipFile, cut_clips, cut_range
 from heaters_dagster.media.ffmpeg_tools import ffmpeg_bin, ffprobe_bin
 from heaters_dagster.media.synthetic import SyntheticVideo, make_video, read_frame_numbers
+from heaters_dagster_tests.media.spies import spy_ffmpeg
 
 FPS = 24
 BEEP_EVERY = 12  # frames between audio beeps in the source
@@ -124,14 +125,7 @@ def test_cut_range_writes_one_exact_clip(source: SyntheticVideo, tmp_path: Path)
 def test_contiguous_spans_decode_the_source_once(
     source: SyntheticVideo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    calls: list[list[str]] = []
-    real_run = clips_mod.run
-
-    def spy(args, **kw):  # type: ignore[no-untyped-def]
-        calls.append(list(args))
-        return real_run(args, **kw)
-
-    monkeypatch.setattr(clips_mod, "run", spy)
+    calls = spy_ffmpeg(monkeypatch, clips_mod)
     spans = [(0, 20), (20, 45), (47, 80), (80, 120)]  # one 2-frame gap: still one pass
     cut_clips(source.path, spans, tmp_path / "a", fps=FPS)
     encodes = [a for a in calls if "libx264" in a]
@@ -217,14 +211,7 @@ def test_killed_ffmpeg_stays_transient(
 def test_hundreds_of_boundaries_in_one_pass(
     silent_source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    calls: list[list[str]] = []
-    real_run = clips_mod.run
-
-    def spy(args, **kw):  # type: ignore[no-untyped-def]
-        calls.append(list(args))
-        return real_run(args, **kw)
-
-    monkeypatch.setattr(clips_mod, "run", spy)
+    calls = spy_ffmpeg(monkeypatch, clips_mod)
     spans = [(i, i + 1) for i in range(120)]  # 119 cuts: more than ffmpeg's 100-term expressions allow
     res = cut_clips(silent_source, spans, tmp_path, fps=FPS)
     assert len(calls) == 1

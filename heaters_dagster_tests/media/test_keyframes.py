@@ -15,6 +15,7 @@ from heaters_dagster.media import keyframes as keyframes_mod
 from heaters_dagster.media.ffmpeg_tools import ffmpeg_bin
 from heaters_dagster.media.keyframes import STRATEGIES, extract_keyframes, keyframe_indices
 from heaters_dagster.media.synthetic import SyntheticVideo, make_video, read_frame_number
+from heaters_dagster_tests.media.spies import spy_ffmpeg
 
 
 @pytest.mark.parametrize("frame_count", [1, 2, 3, 4, 5, 7, 24, 99, 100, 101, 1001])
@@ -85,14 +86,7 @@ def test_positions_are_exact_at_ntsc_rate(tmp_path: Path) -> None:
 def test_seeks_instead_of_decoding_from_the_start(
     clip: SyntheticVideo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    calls: list[list[str]] = []
-    real_run = keyframes_mod.run
-
-    def spy(args, **kw):  # type: ignore[no-untyped-def]
-        calls.append(list(args))
-        return real_run(args, **kw)
-
-    monkeypatch.setattr(keyframes_mod, "run", spy)
+    calls = spy_ffmpeg(monkeypatch, keyframes_mod)
     res = extract_keyframes(clip.path, tmp_path, strategy="multi", fps=clip.fps, frame_count=clip.frame_count)
     assert len(calls) == 3
     for args, kf in zip(calls, res.keyframes):
