@@ -20,14 +20,12 @@ import numpy as np
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
+from heaters_dagster.database.engine import sql_literal
 from heaters_dagster.database.models import Clip, Embedding
 from heaters_dagster.errors import PermanentError
 
 DEFAULT_STATES: tuple[str, ...] = ("embedded",)
 
-
-def _literal(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
 
 
 @dataclass(frozen=True)
@@ -60,7 +58,7 @@ def search_vector(session: Session, query: np.ndarray, *, model_id: str, strateg
     dim = int(q.size)
     if not 1 <= k <= 1000:
         raise PermanentError("k must be between 1 and 1000")
-    filters = [f"e.model_id = {_literal(model_id)}", "e.strategy = :strategy", f"e.dim = {dim}"]
+    filters = [f"e.model_id = {sql_literal(model_id)}", "e.strategy = :strategy", f"e.dim = {dim}"]
     params: dict[str, Any] = {"strategy": strategy, "q": q.tolist()}
     if source_video_id is not None:
         filters.append("c.source_video_id = :vid")

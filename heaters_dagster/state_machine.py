@@ -110,10 +110,6 @@ CLIP_DEAD_STATES = frozenset({C.REVIEW_ARCHIVED, C.ARCHIVING, C.ARCHIVED, C.ARCH
 TRANSITIONS: dict[str, dict[str, frozenset[str]]] = {"video": VIDEO_TRANSITIONS, "clip": CLIP_TRANSITIONS}
 
 
-def is_legal(kind: str, from_state: str, to_state: str) -> bool:
-    return to_state in TRANSITIONS[kind].get(from_state, frozenset())
-
-
 def check_legal(kind: str, from_states: Iterable[str], to_state: str) -> None:
     table = TRANSITIONS[kind]
     if to_state not in table:

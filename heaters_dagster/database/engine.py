@@ -12,6 +12,12 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 
+def sql_literal(value: str) -> str:
+    """A SQL string literal, for the few places that must inline a value (partial index DDL and the
+    queries that have to match its predicate)."""
+    return "'" + value.replace("'", "''") + "'"
+
+
 def normalise_url(url: str) -> str:
     """Accept ``postgres://``/``postgresql://`` URLs and use the psycopg 3 driver."""
     for prefix in ("postgresql+psycopg2://", "postgresql://", "postgres://"):

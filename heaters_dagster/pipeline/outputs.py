@@ -76,7 +76,6 @@ class ItemOutput:
     artifacts: list[ArtifactOut] = field(default_factory=list)
     new_clips: list[NewClipOut] = field(default_factory=list)
     embedding: EmbeddingOut | None = None
-    delete_keys: list[str] = field(default_factory=list)  # store keys to delete after commit
     # Other rows that change state in the same transaction: (kind, id, from_state, to_state).
     partner_transitions: list[tuple[str, int, str, str]] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)  # shown in Dagster
@@ -95,7 +94,3 @@ class BatchReport:
     skipped: dict[int, str] = field(default_factory=dict)
     new_clip_ids: list[int] = field(default_factory=list)
     durations: dict[int, float] = field(default_factory=dict)
-
-    @property
-    def failed(self) -> dict[int, str]:
-        return {**self.permanent, **self.transient}

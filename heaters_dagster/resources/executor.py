@@ -201,11 +201,6 @@ class StageExecutor(dg.ConfigurableResource):
                     log.warning(f"[{stage.name}] could not remove {key} after a failed commit")
             self._fail(stage, item, exc, report, lock, log, attempt >= stage.max_retries, attempt, run_id, started)
             return
-        for key in output.delete_keys:
-            try:
-                store.delete(key)
-            except Exception as exc:  # noqa: BLE001 - a leftover file is logged, not fatal
-                log.warning(f"[{stage.name}] {item.kind} {item.id}: could not delete {key}: {exc}")
         with lock:
             report.succeeded[item.id] = output
             report.new_clip_ids.extend(outcome.new_clip_ids)
