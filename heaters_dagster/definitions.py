@@ -11,6 +11,7 @@ from heaters_dagster.resources.database import DatabaseResource
 from heaters_dagster.resources.executor import StageExecutor
 from heaters_dagster.resources.storage import StorageResource
 from heaters_dagster.sensors.factory import build_stage_sensors
+from heaters_dagster.sensors.recovery import RECOVERY_SENSORS
 from heaters_dagster.sensors.review import review_events_sensor
 
 
@@ -32,7 +33,7 @@ def build_definitions(**resource_overrides: object) -> dg.Definitions:
     return dg.Definitions(
         assets=build_stage_assets(),
         jobs=build_stage_jobs(),
-        sensors=[*build_stage_sensors(), review_events_sensor],
+        sensors=[*build_stage_sensors(), review_events_sensor, *RECOVERY_SENSORS],
         resources=default_resources(**resource_overrides),  # type: ignore[arg-type]
     )
 

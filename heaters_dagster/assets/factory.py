@@ -51,10 +51,44 @@ def item_metadata(stage: Stage, item_id: int, out: ItemOutput, seconds: float) -
 
 def report_summary(report: BatchReport) -> str:
     lines = [f"{report.stage}: {len(report.succeeded)} succeeded, {len(report.permanent)} failed, "
-             f"{len(report.transient)} to retry, {len(report.skipped)} skipped"]
+             f"{len(report.transient)} to retry, {len(report.skipped)} skipped"
+             + (f" ({len(report.held)} held by another worker)" if report.held else "")
+             + (f", {len(report.lost)} lost to another worker" if report.lost else "")
+             + (f", {len(report.unfinished)} unfinished" if report.unfinished else "")
+             + (f", {len(report.taken_back)} taken back from an earlier attempt" if report.taken_back else "")]
     lines += [f"  {i}: {m}" for i, m in sorted(report.permanent.items())]
     lines += [f"  {i} (transient): {m}" for i, m in sorted(report.transient.items())]
+    lines += [f"  {i} (held): {m}" for i, m in sorted(report.held.items())]
+    lines += [f"  {i} (lost): {m}" for i, m in sorted(report.lost.items())]
+    lines += [f"  {i} (unfinished): {m}" for i, m in sorted(report.unfinished.items())]
     return "\n".join(lines)
+
+
+def report_tags(report: BatchReport) -> dict[str, str]:
+    """Run tags that make a run that was not a clean success visible in the runs list."""
+    tags = {"heaters/succeeded": str(len(report.succeeded))}
+    for name, items in (("failed", report.permanent), ("retrying", report.transient), ("held", report.held),
+                        ("lost", report.lost), ("unfinished", report.unfinished), ("skipped", report.skipped)):
+        if items:
+            tags[f"heaters/{name}"] = ",".join(str(i) for i in sorted(items))[:200]
+    if report.taken_back:
+        tags["heaters/taken_back"] = ",".join(str(i) for i in sorted(report.taken_back))[:200]
+    return tags
+
+
+class UnfinishedItemsError(Exception):
+    """Raised when some items' outcome could not be recorded (database away): the RetryPolicy's next
+    attempt of the same run takes their claims back and does them again."""
+
+
+# Stages whose work is ffmpeg: one Dagster concurrency pool caps them across all runs (dagster.yaml).
+FFMPEG_POOL = "heaters_ffmpeg"
+
+
+def _takeback_run_ids(context: dg.AssetExecutionContext) -> tuple[str, ...]:
+    """A run retry (Dagster's run_retries after a crash) may take back the claims of the run it retries."""
+    run = context.run
+    return tuple(r for r in (run.parent_run_id, run.root_run_id) if r)
 
 
 def build_stage_asset(stage: Stage) -> dg.AssetsDefinition:
@@ -70,6 +104,7 @@ def build_stage_asset(stage: Stage) -> dg.AssetsDefinition:
                                     backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS),
         backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=stage.max_partitions_per_run),
         kinds=set(stage.kinds),
+        pool=FFMPEG_POOL if "ffmpeg" in stage.kinds else None,
         metadata={"entity": stage.entity, "input_states": ", ".join(stage.input_states),
                   "in_progress_state": stage.in_progress_state, "output_state": stage.output_state,
                   "failure_state": stage.failure_state},
@@ -78,7 +113,8 @@ def build_stage_asset(stage: Stage) -> dg.AssetsDefinition:
         ids = [int(k) for k in context.partition_keys]
         report = context.resources.executor.execute(
             stage, ids, getattr(context.resources, stage.io_manager_key), log=context.log,
-            attempt=context.retry_number, run_id=context.run_id,
+            attempt=context.retry_number, run_id=context.run_id, step_key=context.op_execution_context.op_handle.name,
+            takeback_run_ids=_takeback_run_ids(context),
         )
         if stage.registers_for and report.new_clip_ids:
             context.instance.add_dynamic_partitions(
@@ -90,7 +126,14 @@ def build_stage_asset(stage: Stage) -> dg.AssetsDefinition:
                 metadata=item_metadata(stage, item_id, out, report.durations.get(item_id, 0.0)),
             )
         summary = report_summary(report)
-        context.log.info(summary)
+        clean = not (report.permanent or report.transient or report.held or report.lost or report.unfinished)
+        (context.log.info if clean else context.log.warning)(summary)
+        try:
+            context.instance.add_run_tags(context.run_id, report_tags(report))
+        except Exception as exc:  # noqa: BLE001 - tags are for people; never fail the work over them
+            context.log.warning(f"could not tag the run: {exc}")
+        if report.unfinished:
+            raise UnfinishedItemsError(summary)
         if report.transient:
             raise TransientStageError(summary)
         if report.permanent:

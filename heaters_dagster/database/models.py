@@ -42,6 +42,18 @@ class Base(DeclarativeBase):
     pass
 
 
+class ClaimMixin:
+    """Who holds an item in its in-progress state (a step attempt of a Dagster run), until when
+    (renewed by the executor's heartbeat), and how often it was lost (see ``leases.py``)."""
+
+    claim_owner: Mapped[Optional[str]] = mapped_column(Text)
+    claim_run_id: Mapped[Optional[str]] = mapped_column(Text)
+    claimed_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
+    claim_expires_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
+    lost_count: Mapped[int] = mapped_column(Integer, server_default="0")
+    claim_history: Mapped[list[dict[str, Any]]] = mapped_column(JSONB, server_default="[]")
+
+
 class TimestampMixin:
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(
@@ -49,7 +61,7 @@ class TimestampMixin:
     )
 
 
-class SourceVideo(TimestampMixin, Base):
+class SourceVideo(ClaimMixin, TimestampMixin, Base):
     __tablename__ = "source_videos"
     __table_args__ = (
         CheckConstraint(_in("state", VIDEO_STATES), name="ck_source_videos_state"),
@@ -74,7 +86,7 @@ class SourceVideo(TimestampMixin, Base):
     version: Mapped[int] = mapped_column(Integer, server_default="0")
 
 
-class Clip(TimestampMixin, Base):
+class Clip(ClaimMixin, TimestampMixin, Base):
     __tablename__ = "clips"
     __table_args__ = (
         CheckConstraint(_in("state", CLIP_STATES), name="ck_clips_state"),
@@ -174,7 +186,7 @@ class StageResult(Base):
 
     __tablename__ = "stage_results"
     __table_args__ = (
-        CheckConstraint("status IN ('succeeded', 'transient_error', 'permanent_error', 'skipped')",
+        CheckConstraint("status IN ('succeeded', 'transient_error', 'permanent_error', 'skipped', 'lost')",
                         name="ck_stage_results_status"),
         Index("ix_stage_results_item", "entity_kind", "entity_id"),
         Index("ix_stage_results_stage_status", "stage", "status"),

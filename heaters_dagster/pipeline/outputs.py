@@ -91,6 +91,10 @@ class BatchReport:
     succeeded: dict[int, ItemOutput] = field(default_factory=dict)
     permanent: dict[int, str] = field(default_factory=dict)
     transient: dict[int, str] = field(default_factory=dict)
-    skipped: dict[int, str] = field(default_factory=dict)
+    skipped: dict[int, str] = field(default_factory=dict)  # not claimable (done, not ready, not found)
+    held: dict[int, str] = field(default_factory=dict)  # skipped: another worker holds the claim
+    lost: dict[int, str] = field(default_factory=dict)  # our claim was taken away: nothing committed
+    unfinished: dict[int, str] = field(default_factory=dict)  # outcome could not be recorded (database down)
+    taken_back: list[int] = field(default_factory=list)  # claims of this run's earlier attempt, taken back
     new_clip_ids: list[int] = field(default_factory=list)
     durations: dict[int, float] = field(default_factory=dict)

@@ -3,7 +3,10 @@
 For each partition (item id) of a run it
 
 1. **claims** the item: one conditional UPDATE from the stage's input state to its in-progress
-   state (an item someone else holds, or that is not ready, is skipped, never run twice);
+   state that also records the owner (this step attempt) and a lease (an item someone else holds,
+   or that is not ready, is skipped, never run twice). A heartbeat thread renews the leases while
+   the items are worked on; every later write is fenced on the owner, so a worker whose lease was
+   taken away can never commit (see ``heaters_dagster/leases.py``);
 2. runs the stage's **handler** (a thin call into a pure media function) in a scratch folder;
 3. **persists** the output through the stage's IO manager and makes the **success transition** in
    the same database transaction (files are moved into the store first and removed again if the
@@ -19,6 +22,7 @@ Logs always name the item (``clip 42``/``video 7``).
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import threading
@@ -26,10 +30,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 import dagster as dg
+from sqlalchemy import text
 
+from heaters_dagster import leases
 from heaters_dagster.errors import ClaimConflictError, HeatersError, classify
 from heaters_dagster.pipeline.items import load_snapshots, record_result
 from heaters_dagster.pipeline.jsonable import to_jsonable
@@ -90,11 +96,25 @@ class StageExecutor(dg.ConfigurableResource):
         log: Any,
         attempt: int = 0,
         run_id: str | None = None,
+        step_key: str | None = None,
+        takeback_run_ids: tuple[str, ...] = (),
     ) -> BatchReport:
         report = BatchReport(stage=stage.name)
-        claimed = self._claim(stage, item_ids, report, log)
+        who = leases.Claimant(owner=leases.owner_token(run_id, step_key or stage.name, attempt), run_id=run_id,
+                              takeback_run_ids=tuple(r for r in (run_id, *takeback_run_ids) if r))
+        claimed = self._claim(stage, item_ids, who, report, log)
         if not claimed:
             return report
+        heartbeat = Heartbeat(self.database, stage, who.owner, claimed, log)
+        heartbeat.start()
+        try:
+            return self._execute_claimed(stage, claimed, persister, who, heartbeat, report, log, attempt, run_id)
+        finally:
+            heartbeat.stop()
+
+    def _execute_claimed(self, stage: Stage, claimed: list[int], persister: Persister, who: leases.Claimant,
+                         heartbeat: "Heartbeat", report: BatchReport, log: Any, attempt: int,
+                         run_id: str | None) -> BatchReport:
         with self.database.session() as session:
             snapshots = load_snapshots(session, stage.entity, claimed)
         store = self.storage.store
@@ -109,11 +129,18 @@ class StageExecutor(dg.ConfigurableResource):
                 return ItemContext(stage, wd, store, params, log)
 
             def finish(item: ItemSnapshot, outcome: ItemOutput | BaseException, started: float) -> None:
-                if isinstance(outcome, BaseException):
-                    self._fail(stage, item, outcome, report, lock, log, final_attempt, attempt, run_id, started)
+                lost = heartbeat.lost.get(item.id)
+                if lost is not None:  # someone took the item over: our work must not commit
+                    with lock:
+                        report.lost[item.id] = lost
+                    log.warning(f"[{stage.name}] {item.kind} {item.id}: {lost}; result discarded")
+                elif isinstance(outcome, BaseException):
+                    self._fail(stage, item, outcome, report, lock, log, final_attempt, attempt, run_id, started,
+                               who.owner)
                 else:
                     self._succeed(stage, item, outcome, persister, store, report, lock, log, attempt, run_id,
-                                  started)
+                                  started, who.owner)
+                heartbeat.done(item.id)
                 shutil.rmtree(Path(tmp) / str(item.id), ignore_errors=True)
 
             try:
@@ -145,50 +172,69 @@ class StageExecutor(dg.ConfigurableResource):
                         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"heaters-{stage.name}") as pool:
                             list(pool.map(one, items))
             except BaseException as exc:  # interrupted (run terminated, Ctrl+C): hand unfinished items back
-                self._release_unfinished(stage, claimed, report, log, exc)
+                _kill_children()
+                self._release_unfinished(stage, claimed, report, log, exc, who.owner)
                 raise
         return report
 
     def _release_unfinished(self, stage: Stage, claimed: list[int], report: BatchReport, log: Any,
-                            exc: BaseException) -> None:
+                            exc: BaseException, owner: str) -> None:
         """Put claimed items that did not finish back in the input state with a new version, so the
-        sensor requests them again instead of leaving them stuck in the in-progress state."""
-        done = set(report.succeeded) | set(report.permanent) | set(report.transient)
-        for item_id in claimed:
-            if item_id in done:
-                continue
-            try:
-                with self.database.session() as session:
-                    transition(session, stage.entity, item_id, stage.in_progress_state, stage.retry_state,
-                               error=f"interrupted: {type(exc).__name__}", bump_version=True)
-                log.warning(f"[{stage.name}] {stage.entity} {item_id}: interrupted, returned to {stage.retry_state}")
-            except Exception as db_exc:  # noqa: BLE001 - best effort while shutting down
-                log.error(f"[{stage.name}] {stage.entity} {item_id}: could not release after interruption: {db_exc}")
+        sensor requests them again instead of leaving them stuck in the in-progress state. Fenced on
+        our own claim: an item someone else took over is left alone."""
+        done = set(report.succeeded) | set(report.permanent) | set(report.transient) | set(report.lost)
+        todo = [i for i in claimed if i not in done]
+        try:
+            with self.database.session() as session:
+                back = leases.release_items(session, stage.entity, todo, owner=owner, counts_as_lost=False,
+                                            reason=f"interrupted: {type(exc).__name__}")
+            for r in back:
+                log.warning(f"[{stage.name}] {stage.entity} {r.id}: interrupted, returned to {r.to_state}")
+        except Exception as db_exc:  # noqa: BLE001 - best effort while shutting down; the lease expires
+            log.error(f"[{stage.name}] could not release {todo} after interruption ({db_exc}); "
+                      f"their leases expire and the recovery sensor returns them")
 
     # ------------------------------------------------------------------------------------------
-    def _claim(self, stage: Stage, item_ids: list[int], report: BatchReport, log: Any) -> list[int]:
+    def _claim(self, stage: Stage, item_ids: list[int], who: leases.Claimant, report: BatchReport,
+               log: Any) -> list[int]:
         claimed: list[int] = []
         for item_id in item_ids:
-            try:
-                with self.database.session() as session:
-                    transition(session, stage.entity, item_id, stage.input_states, stage.in_progress_state,
-                               condition=stage.ready_sql)
+            with self.database.session() as session:
+                got = leases.claim(session, stage, item_id, who)
+                if got is None:
+                    row = session.execute(text(
+                        f"SELECT state, claim_owner, claim_expires_at FROM {leases.TABLES[stage.entity]} "
+                        "WHERE id = :id"), {"id": item_id}).first()
+            if got is not None:
                 claimed.append(item_id)
-            except ClaimConflictError as exc:
-                report.skipped[item_id] = str(exc)
-                log.info(f"[{stage.name}] {stage.entity} {item_id}: skipped, not claimable ({exc})")
+                if got == stage.in_progress_state:
+                    report.taken_back.append(item_id)
+                    log.warning(f"[{stage.name}] {stage.entity} {item_id}: took back this run's earlier claim")
+                continue
+            if row is None:
+                reason = f"{stage.entity} {item_id} does not exist"
+            elif row.state == stage.in_progress_state:
+                reason = f"held by {row.claim_owner} until {row.claim_expires_at}"
+                report.held[item_id] = reason
+            elif row.state in stage.input_states:
+                reason = f"not ready yet ({stage.ready_sql})"
+            else:
+                reason = f"in state {row.state!r}, expected {' or '.join(stage.input_states)}"
+            report.skipped[item_id] = reason
+            log.info(f"[{stage.name}] {stage.entity} {item_id}: skipped, not claimable ({reason})")
         return claimed
 
     def _succeed(self, stage: Stage, item: ItemSnapshot, output: ItemOutput, persister: Persister,
                  store: ArtifactStore, report: BatchReport, lock: threading.Lock, log: Any, attempt: int,
-                 run_id: str | None, started: float) -> None:
+                 run_id: str | None, started: float, owner: str) -> None:
         stored: list[str] = []
         try:
             with self.database.session() as session:
                 outcome = persister.persist(session, stage, item, output, store)
                 stored = outcome.stored_keys
                 transition(session, stage.entity, item.id, stage.in_progress_state, stage.output_state,
-                           clear_error=True)
+                           clear_error=True, condition=leases.fence_condition(owner),
+                           values=leases.clear_claim_values())
                 duration = time.monotonic() - started
                 record_result(session, stage=stage.name, kind=stage.entity, item_id=item.id, status="succeeded",
                               duration_s=duration, attempt=attempt, run_id=run_id,
@@ -197,9 +243,16 @@ class StageExecutor(dg.ConfigurableResource):
             for key in stored:  # the transaction rolled back: take the files back out too
                 try:
                     store.delete(key)
-                except Exception:  # pragma: no cover - best effort
+                except Exception:  # pragma: no cover - best effort; `heaters doctor` finds orphans
                     log.warning(f"[{stage.name}] could not remove {key} after a failed commit")
-            self._fail(stage, item, exc, report, lock, log, attempt >= stage.max_retries, attempt, run_id, started)
+            if isinstance(exc, ClaimConflictError) and not self._still_ours(stage, item.id, owner):
+                # The fence: someone else owns the item now (its lease was recovered).
+                with lock:
+                    report.lost[item.id] = f"claim lost before commit ({exc})"
+                log.warning(f"[{stage.name}] {item.kind} {item.id}: claim lost before commit; result discarded")
+                return
+            self._fail(stage, item, exc, report, lock, log, attempt >= stage.max_retries, attempt, run_id, started,
+                       owner)
             return
         with lock:
             report.succeeded[item.id] = output
@@ -208,9 +261,17 @@ class StageExecutor(dg.ConfigurableResource):
         log.info(f"[{stage.name}] {item.kind} {item.id}: {stage.in_progress_state} -> {stage.output_state} "
                  f"in {duration:.2f}s")
 
+    def _still_ours(self, stage: Stage, item_id: int, owner: str) -> bool:
+        try:
+            with self.database.session() as session:
+                return session.execute(text(f"SELECT claim_owner = :o FROM {leases.TABLES[stage.entity]} "
+                                            "WHERE id = :id"), {"o": owner, "id": item_id}).scalar() is True
+        except Exception:  # noqa: BLE001 - cannot tell: treat as ours, the failure path decides
+            return True
+
     def _fail(self, stage: Stage, item: ItemSnapshot, exc: BaseException, report: BatchReport,
               lock: threading.Lock, log: Any, final_attempt: bool, attempt: int, run_id: str | None,
-              started: float) -> None:
+              started: float, owner: str) -> None:
         kind = classify(exc)
         message = str(exc) if isinstance(exc, HeatersError) and str(exc) else f"{type(exc).__name__}: {exc}"
         duration = time.monotonic() - started
@@ -218,17 +279,126 @@ class StageExecutor(dg.ConfigurableResource):
         target = stage.retry_state if retry else stage.failure_state
         if kind == "transient" and final_attempt:
             message = f"gave up after {attempt + 1} attempts: {message}"
-        try:
+
+        def record() -> None:
             with self.database.session() as session:
                 transition(session, stage.entity, item.id, stage.in_progress_state, target, error=message,
-                           bump_retry=True)
+                           bump_retry=True, condition=leases.fence_condition(owner),
+                           values=leases.clear_claim_values())
                 record_result(session, stage=stage.name, kind=stage.entity, item_id=item.id,
                               status="transient_error" if retry else "permanent_error", duration_s=duration,
                               attempt=attempt, run_id=run_id, error=exc, message=message)
-        except Exception as db_exc:  # noqa: BLE001
-            log.error(f"[{stage.name}] {item.kind} {item.id}: could not record failure: {db_exc}")
+
+        try:
+            _with_db_retries(record, what=f"record the failure of {item.kind} {item.id}", log=log)
+        except ClaimConflictError as conflict:
+            with lock:
+                report.lost[item.id] = f"claim lost before the failure was recorded ({conflict})"
+            log.warning(f"[{stage.name}] {item.kind} {item.id}: claim lost; failure not recorded")
+            return
+        except Exception as db_exc:  # noqa: BLE001 - the database stayed away: the lease expires
+            with lock:
+                report.unfinished[item.id] = f"{message}; could not be recorded: {db_exc}"
+            log.error(f"[{stage.name}] {item.kind} {item.id}: could not record failure ({db_exc}); the item stays "
+                      f"claimed until its lease expires, then the recovery sensor returns it")
+            return
         with lock:
             (report.transient if retry else report.permanent)[item.id] = message
             report.durations[item.id] = duration
         level = log.warning if retry else log.error
         level(f"[{stage.name}] {item.kind} {item.id}: {kind} error -> {target}: {message}")
+
+
+def _with_db_retries(fn: Callable[[], None], *, what: str, log: Any, tries: int = 6) -> None:
+    """Run a database write, retrying while the database is unreachable (a restart takes seconds):
+    1, 2, 4, 8, 16 s between tries. Conflicts and other errors are raised at once."""
+    from sqlalchemy.exc import DBAPIError, OperationalError
+
+    for i in range(tries):
+        try:
+            fn()
+            return
+        except (OperationalError, DBAPIError) as exc:
+            if isinstance(exc, DBAPIError) and not isinstance(exc, OperationalError) and not exc.connection_invalidated:
+                raise
+            if i == tries - 1:
+                raise
+            log.warning(f"database unavailable while trying to {what} ({type(exc).__name__}); retrying")
+            time.sleep(2 ** i)
+
+
+def _kill_children() -> None:
+    """Kill every media subprocess this process started (their process groups)."""
+    try:
+        from heaters_dagster.media.ffmpeg_tools import kill_all_children
+    except ImportError:  # pragma: no cover - older runner
+        return
+    kill_all_children()
+
+
+class Heartbeat:
+    """Renews the leases of the items a step is working on, every lease/4 seconds.
+
+    An item whose claim is no longer ours (the recovery sensor or an operator gave it to someone
+    else) is marked lost; the executor then discards its result. If the process that started this
+    step (the run worker) dies, the step is an orphan: Dagster has marked or will mark the run
+    failed, so the step kills its media subprocesses, hands its unfinished items back and exits
+    without materializing anything."""
+
+    def __init__(self, database: DatabaseResource, stage: Stage, owner: str, ids: list[int], log: Any):
+        self.database, self.stage, self.owner, self.log = database, stage, owner, log
+        self.active = set(ids)
+        self.lost: dict[int, str] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._parent = os.getppid()
+        self.interval = max(0.2, leases.lease_seconds() / 4)
+        self._thread = threading.Thread(target=self._loop, name=f"heaters-heartbeat-{stage.name}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def done(self, item_id: int) -> None:
+        with self._lock:
+            self.active.discard(item_id)
+
+    def _orphaned(self) -> bool:
+        return self._parent > 1 and os.getppid() != self._parent
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            if self._orphaned():
+                self._exit_orphan()
+                return
+            with self._lock:
+                ids = sorted(self.active)
+            if not ids:
+                continue
+            try:
+                with self.database.session() as session:
+                    held = leases.renew(session, self.stage.entity, self.owner, ids)
+            except Exception as exc:  # noqa: BLE001 - database briefly away: try again next beat
+                self.log.warning(f"[{self.stage.name}] lease renewal failed ({type(exc).__name__}); retrying")
+                continue
+            with self._lock:
+                for i in ids:
+                    if i not in held and i in self.active:
+                        self.lost[i] = "lease lost (the item was recovered and handed to another worker)"
+
+    def _exit_orphan(self) -> None:
+        self.log.error(f"[{self.stage.name}] the run worker that started this step died; stopping the step "
+                       f"and handing its items back")
+        _kill_children()
+        with self._lock:
+            ids = sorted(self.active)
+        try:
+            with self.database.session() as session:
+                leases.release_items(session, self.stage.entity, ids, owner=self.owner,
+                                     reason="the run worker died while the item was in progress")
+        except Exception:  # noqa: BLE001 - the lease expires instead
+            pass
+        os._exit(70)
