@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from datetime import datetime, timezone
+
 from sqlalchemy import func, select
 
 from heaters_dagster.database.engine import session_scope
+from heaters_dagster.leases import HeldItem, held_items
 from heaters_dagster.database.models import Clip, ClipArtifact, SourceVideo, StageResult
 from heaters_dagster.settings import storage_url
 from heaters_dagster.state_machine import CLIP_FAILED_STATES, VIDEO_FAILED_STATES
@@ -34,7 +37,17 @@ def collect_status() -> dict[str, Any]:
                 .order_by(StageResult.stage)
             )
         ]
-    return {"videos": videos, "clips": clips, "failures": failures, "errors_by_stage": errors}
+        in_progress = [_held_dict(h) for h in held_items(s)]
+    return {"videos": videos, "clips": clips, "failures": failures, "errors_by_stage": errors,
+            "in_progress": in_progress}
+
+
+def _held_dict(h: HeldItem) -> dict[str, Any]:
+    now = datetime.now(timezone.utc)
+    return {"kind": h.kind, "id": h.id, "state": h.state, "stage": h.stage, "owner": h.owner, "run_id": h.run_id,
+            "age_s": round((now - h.claimed_at).total_seconds(), 1) if h.claimed_at else None,
+            "lease_left_s": round((h.expires_at - now).total_seconds(), 1) if h.expires_at else None,
+            "expired": h.expired, "lost_count": h.lost_count}
 
 
 def clip_summary(video_id: int) -> list[dict[str, Any]]:

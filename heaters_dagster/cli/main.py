@@ -87,6 +87,14 @@ def status(as_json: bool) -> None:
         click.echo("failures:")
         for f in st["failures"]:
             click.echo(f"  {f['kind']} {f['id']} [{f['state']}, tries {f['retry_count']}]: {f['last_error']}")
+    if st["in_progress"]:
+        click.echo("in progress:")
+        for h in st["in_progress"]:
+            age = f"{h['age_s']:.0f}s" if h["age_s"] is not None else "?"
+            lease = ("EXPIRED (the recovery sensor returns it; or `heaters requeue " + h["stage"] + f" {h['id']}`)"
+                     if h["expired"] else f"lease {h['lease_left_s']:.0f}s left")
+            lost = f", lost {h['lost_count']}x before" if h["lost_count"] else ""
+            click.echo(f"  {h['kind']} {h['id']} [{h['state']}] for {age}, owner {h['owner'] or '-'}, {lease}{lost}")
     if st["errors_by_stage"]:
         click.echo("errors by stage (stage_results):")
         for e in st["errors_by_stage"]:
@@ -94,10 +102,54 @@ def status(as_json: bool) -> None:
 
 
 @cli.command()
+@click.option("--fix", is_flag=True, help="Repair what can be repaired (see heaters_dagster/doctor.py).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--orphan-grace", type=float, default=None,
+              help="Seconds before an unreferenced store file or temp file counts (HEATERS_ORPHAN_GRACE_S, 3600).")
+@click.option("--scratch-grace", type=float, default=None,
+              help="Seconds a scratch folder must be untouched to be stale (HEATERS_SCRATCH_GRACE_S, 21600).")
+@click.option("--scratch-dir", "scratch_dirs", multiple=True, type=click.Path(file_okay=False),
+              help="Where stage scratch folders live (repeatable; default: the system temp folder).")
+def doctor(fix: bool, as_json: bool, orphan_grace: float | None, scratch_grace: float | None,
+           scratch_dirs: tuple[str, ...]) -> None:
+    """Find expired claims, store files without rows, rows without files, temp files, stale scratch
+    folders and dead embedded-Postgres holders; --fix repairs them. Exit 1 if problems remain."""
+    from heaters_dagster.database.engine import session_scope
+    from heaters_dagster.doctor import diagnose, repair
+    from heaters_dagster.settings import storage_url
+    from heaters_dagster.storage import ArtifactStore
+
+    _db_ready()
+    store = ArtifactStore(storage_url())
+    kw = {"orphan_grace": orphan_grace, "scratch_grace": scratch_grace, "scratch_dirs": list(scratch_dirs) or None}
+    with session_scope() as s:
+        report = diagnose(s, store, **kw)
+    if fix and report.findings:
+        with session_scope() as s:
+            repair(report, s, store)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2, default=str))
+    else:
+        for f in report.findings:
+            click.echo(f.line())
+        for note in report.skipped:
+            click.echo(f"skipped: {note}")
+        click.echo(f"doctor: {report.summary()}")
+    sys.exit(1 if report.unresolved else 0)
+
+
+@cli.command()
 @click.argument("stage_name")
 @click.argument("ids", nargs=-1, type=int, required=True)
-def requeue(stage_name: str, ids: tuple[int, ...]) -> None:
-    """Send failed items back to STAGE_NAME's input state so its sensor runs them again."""
+@click.option("--force", is_flag=True, help="Also take back items whose claim is still live (the worker is "
+              "presumed dead or stuck; its late result can no longer commit).")
+def requeue(stage_name: str, ids: tuple[int, ...], force: bool) -> None:
+    """Send items back to STAGE_NAME's input state so its sensor runs them again: items in the
+    stage's failure state, or stuck in its in-progress state with an expired claim (or any claim with
+    --force)."""
+    from sqlalchemy import text
+
+    from heaters_dagster import leases
     from heaters_dagster.database.engine import session_scope
     from heaters_dagster.errors import HeatersError
     from heaters_dagster.stages import get_stage
@@ -109,8 +161,19 @@ def requeue(stage_name: str, ids: tuple[int, ...]) -> None:
     for item_id in ids:
         try:
             with session_scope() as s:
+                row = s.execute(text(f"SELECT state, claim_expires_at IS NULL OR claim_expires_at <= now() AS expired, "
+                                     f"claim_owner FROM {leases.TABLES[stage.entity]} WHERE id = :id"),
+                                {"id": item_id}).first()
+                if row is not None and row.state == stage.in_progress_state:
+                    if not (row.expired or force):
+                        raise HeatersError(f"is {row.state}, held by {row.claim_owner} with a live lease; "
+                                           "wait for it to expire or use --force")
+                    leases.release_items(s, stage.entity, [item_id], counts_as_lost=False,
+                                         reason=f"requeued by an operator (was held by {row.claim_owner})")
+                    click.echo(f"{stage.entity} {item_id}: {stage.in_progress_state} -> {stage.retry_state}")
+                    continue
                 transition(s, stage.entity, item_id, stage.failure_state, stage.retry_state, clear_error=True,
-                           bump_version=True)
+                           bump_version=True, values={"lost_count": 0})
             click.echo(f"{stage.entity} {item_id}: {stage.failure_state} -> {stage.retry_state}")
         except HeatersError as exc:
             failed += 1
