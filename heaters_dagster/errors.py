@@ -35,6 +35,21 @@ class InvalidSourceError(PermanentError):
     """A submission names something Heaters will not fetch (bad scheme, missing path)."""
 
 
+class MediaTimeoutError(PermanentError):
+    """A media command (ffmpeg, ffprobe, the yt-dlp download) was killed at a time limit.
+
+    ``kind`` is ``"stall"`` (no progress for the stall limit) or ``"overall"`` (ran past the bound
+    scaled to the media's duration). Permanent: a stalled input stalls again, so the item goes to
+    its failure state with the message; an operator can requeue it.
+    """
+
+    def __init__(self, message: str, *, what: str = "", kind: str = "stall", limit_s: float = 0.0):
+        super().__init__(message)
+        self.what = what
+        self.kind = kind
+        self.limit_s = limit_s
+
+
 class IllegalTransitionError(PermanentError):
     """A state change that the state machine does not allow."""
 

@@ -28,12 +28,29 @@ def test_submit_file_copies_it_into_the_store(env, store_dir, tmp_path):
     assert (store_dir / "sources/1/original.mp4").read_bytes() == b"not checked until ingest"
 
 
-@pytest.mark.parametrize("uri,needle", [("ftp://host/v.mp4", "http"), ("/no/such/file.mp4", "not found")])
-def test_submit_bad_source_records_failure_and_exits_non_zero(env, uri, needle):
+@pytest.mark.parametrize("uri,needle", [
+    ("ftp://host/v.mp4", "http"), ("/no/such/file.mp4", "not found"), ("/dev/zero", "character device"),
+    ("http://10.0.0.1/v.mp4", "private address"), ("http://169.254.169.254/latest/", "cloud metadata"),
+    ("http://[::1]:8000/v.mp4", "loopback"),
+])
+def test_submit_bad_source_records_failure_and_exits_non_zero(env, store_dir, uri, needle, monkeypatch):
+    monkeypatch.delenv("HEATERS_ALLOW_PRIVATE_URLS", raising=False)
     out = CliRunner().invoke(cli, ["submit", uri])
     assert out.exit_code == 1
+    assert needle in out.output.lower()
     row = row_of(env, "video", 1)
     assert row.state == "ingestion_failed" and needle in row.last_error.lower()
+    assert not (store_dir / "sources").exists()  # nothing copied, no empty folder
+
+
+def test_submit_fifo_is_refused_without_blocking(env, tmp_path):
+    import os
+
+    fifo = tmp_path / "pipe.mp4"
+    os.mkfifo(fifo)
+    out = CliRunner().invoke(cli, ["submit", str(fifo)])
+    assert out.exit_code == 1 and "named pipe (fifo)" in out.output.lower()
+    assert row_of(env, "video", 1).state == "ingestion_failed"
 
 
 def test_requeue_moves_failed_items_back_with_a_new_version(env):

@@ -171,7 +171,7 @@ def _encode_batch(
         args += ["-segment_format_options", "movflags=+faststart"]
     args.append(str(work / f"{tag}_%05d.mp4"))
     try:
-        run(args, what=f"cut clips from {src.name}", timeout=timeout)
+        run(args, what=f"cut clips from {src.name}", timeout=timeout, duration_s=float(n / rate))
     except FFmpegError as exc:
         raise_media_error(exc, f"cutting clips from {src.name} failed")
 
@@ -223,7 +223,8 @@ def _mux_audio(
             "-movflags", "+faststart", "-f", "mp4", str(job.staged),
         ]
     try:
-        run(args, what=f"add audio to clips of {src.name}", timeout=timeout)
+        run(args, what=f"add audio to clips of {src.name}", timeout=timeout,
+            duration_s=float(sum((j.end - j.start) / rate for j in jobs)))
     except FFmpegError as exc:
         raise_media_error(exc, f"adding audio to clips of {src.name} failed")
     for job in jobs:  # the video-only segments are no longer needed: free the disk space now

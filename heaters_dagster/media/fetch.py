@@ -9,15 +9,23 @@ downloadable is permanent.
 from __future__ import annotations
 
 import glob
+import json
 import logging
+import os
 import re
+import signal
+import stat
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import urlparse
 
 from heaters_dagster.errors import InvalidSourceError, PermanentError, TransientError
 from heaters_dagster.media.ffmpeg_tools import ffmpeg_bin
+from heaters_dagster.media.subprocess_guard import Supervised
+from heaters_dagster.media.url_guard import follow_redirects
 
 _ACCEPTED = "only http and https URLs or local file paths are accepted"
 _BASENAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -75,12 +83,32 @@ def classify_source(uri: str) -> tuple[str, str]:
                 raise InvalidSourceError(f"URL has no host: {text!r}")
             return "url", text
         raise InvalidSourceError(f"unsupported source {text!r} (scheme {scheme}://): {_ACCEPTED}")
+    if "\x00" in text:
+        raise InvalidSourceError(f"local path contains a NUL character: {text!r}")
     path = Path(text).expanduser()
-    if not path.exists():
-        raise InvalidSourceError(f"local file not found: {path.resolve()} ({_ACCEPTED})")
-    if path.is_dir():
+    try:
+        st = os.stat(path)  # follows symlinks: what counts is what would be read
+    except FileNotFoundError:
+        raise InvalidSourceError(f"local file not found: {path.resolve()} ({_ACCEPTED})") from None
+    except OSError as exc:
+        raise InvalidSourceError(f"cannot read local path {path.resolve()}: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(st.st_mode):
         raise InvalidSourceError(f"local path is a directory, not a video file: {path.resolve()}")
+    if not stat.S_ISREG(st.st_mode):
+        raise InvalidSourceError(
+            f"local path is a {special_file_kind(st.st_mode)}, not a regular file: {path.resolve()}; "
+            "only regular video files are accepted"
+        )
     return "file", str(path.resolve())
+
+
+def special_file_kind(mode: int) -> str:
+    """A person's name for a non-regular file type ("named pipe (FIFO)", "character device", ...)."""
+    for test, name in ((stat.S_ISFIFO, "named pipe (FIFO)"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket"), (stat.S_ISDIR, "directory")):
+        if test(mode):
+            return name
+    return "special file"
 
 
 def _causes(exc: BaseException) -> list[BaseException]:
@@ -139,18 +167,102 @@ def download_url(url: str, dest_dir: Path, *, basename: str = "download") -> Dow
     """Download ``url`` with yt-dlp into ``dest_dir/<basename>.<ext>`` (merged to MP4 if split).
 
     Raises TransientError for network trouble (retry later) and InvalidSourceError /
-    PermanentError when the URL names nothing downloadable.
+    PermanentError when the URL names nothing downloadable, MediaTimeoutError when the download
+    makes no progress for HEATERS_STALL_TIMEOUT_S or runs past its overall bound (yt-dlp runs in
+    a supervised child process, see :func:`_download_in_child`).
     """
-    import yt_dlp
-
     kind, _ = classify_source(url)
     if kind != "url":
         raise InvalidSourceError(f"not a URL: {url!r}")
+    # Resolve and check the host and every redirect hop before yt-dlp connects anywhere
+    # (media/url_guard.py; a no-op apart from the form check with HEATERS_ALLOW_PRIVATE_URLS).
+    follow_redirects(url)
     if not _BASENAME.match(basename):
         raise ValueError(f"basename must be a plain file name stem, got {basename!r}")
     dest = Path(dest_dir)
     dest.mkdir(parents=True, exist_ok=True)
     _cleanup(dest, basename)
+
+    try:
+        path, title = _download_in_child(url, dest, basename)
+    except BaseException:  # errors, a stall/overall kill, an interruption: no partial files
+        _cleanup(dest, basename)
+        raise
+
+    path = path.resolve()
+    if path.parent != dest.resolve() or not path.is_file():
+        _cleanup(dest, basename)
+        raise PermanentError(f"yt-dlp reported {path} which is not a downloaded file in {dest}")
+    size = path.stat().st_size
+    if size == 0:
+        path.unlink(missing_ok=True)
+        raise TransientError(f"download of {url} produced an empty file")
+    return DownloadResult(
+        path=path, title=str(title) if title is not None else None, size_bytes=size, source_url=url
+    )
+
+
+
+# -- the yt-dlp run itself, in a child process ----------------------------------------------------
+_ERROR_TYPES: dict[str, type[Exception]] = {
+    "InvalidSourceError": InvalidSourceError, "TransientError": TransientError,
+    "PermanentError": PermanentError,
+}
+
+
+def _download_in_child(url: str, dest: Path, basename: str) -> tuple[Path, str | None]:
+    """Run :func:`download_here` in ``python -m heaters_dagster.media.ytdlp_child`` under the
+    stall and overall limits (progress: the child's I/O and the growth of its files in ``dest``).
+
+    The child reports JSON lines on stdout: ``info`` (the duration, which rescales the overall
+    bound), then ``done`` (path, title) or ``error`` (an error type and message, already mapped by
+    :func:`_map_error`). yt-dlp's own ffmpeg processes run in the child's process group.
+    """
+    request = json.dumps({"url": url, "dest": str(dest), "basename": basename, "parent": os.getpid()})
+    pattern = f"{glob.escape(basename)}.*"
+
+    def files() -> tuple[tuple[str, int], ...]:
+        return tuple(sorted((f.name, f.stat().st_size) for f in dest.glob(pattern)))
+
+    outcome: dict[str, Any] | None = None
+    with Supervised(
+        [sys.executable, "-m", "heaters_dagster.media.ytdlp_child", request], what=f"download {url}",
+        stdout=subprocess.PIPE, watch=files, death_signal=signal.SIGTERM,
+    ) as child:
+        assert child.proc.stdout is not None
+        for line in child.proc.stdout:
+            try:
+                message = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(message, dict):
+                continue
+            if message.get("event") == "info":
+                duration = message.get("duration")
+                child.set_duration(float(duration) if isinstance(duration, (int, float)) else None)
+            elif message.get("event") in ("done", "error"):
+                outcome = message
+        rc = child.wait()  # raises MediaTimeoutError when the guard killed it
+        stderr = child.stderr.decode("utf-8", "replace")
+    if outcome is None:
+        if rc < 0:
+            raise TransientError(f"download of {url} was killed (signal {-rc})")
+        kept = [ln for ln in stderr.strip().splitlines() if ln.strip()]
+        raise _map_error(url, RuntimeError("; ".join(kept[-3:]) or f"yt-dlp exited with code {rc}"))
+    if outcome["event"] == "error":
+        raise _ERROR_TYPES.get(str(outcome.get("type")), PermanentError)(str(outcome.get("message")))
+    title = outcome.get("title")
+    return Path(str(outcome["path"])), (str(title) if title is not None else None)
+
+
+def download_here(url: str, dest: Path, basename: str,
+                  on_info: Callable[[dict[str, Any]], None] | None = None) -> tuple[Path, str | None]:
+    """The yt-dlp download in this process (the child runs this); returns (path, title).
+
+    Raises InvalidSourceError / PermanentError / TransientError, or whatever yt-dlp raised (the
+    caller maps it with :func:`_map_error`).
+    """
+    import yt_dlp
 
     opts: dict[str, Any] = {
         "outtmpl": {"default": str(dest / f"{basename}.%(ext)s")},
@@ -168,35 +280,18 @@ def download_url(url: str, dest_dir: Path, *, basename: str = "download") -> Dow
         "cachedir": False,
         "overwrites": True,
     }
-    try:
-        with yt_dlp.YoutubeDL(opts) as ydl:
-            # Resolve first without downloading, so a playlist is refused rather than fetched whole.
-            info = ydl.extract_info(url, download=False, process=False)
-            if info is None:
-                raise InvalidSourceError(f"nothing downloadable at {url}")
-            if info.get("_type") in ("playlist", "multi_video"):
-                raise InvalidSourceError(f"URL is a playlist, submit its videos one by one: {url}")
-            info = ydl.process_ie_result(info, download=True)
-            downloads = info.get("requested_downloads") or []
-            target = downloads[-1].get("filepath") if downloads else None
-            path = Path(target or ydl.prepare_filename(info))
-    except (InvalidSourceError, PermanentError, TransientError):
-        _cleanup(dest, basename)
-        raise
-    except Exception as exc:  # yt-dlp wraps everything in DownloadError
-        _cleanup(dest, basename)
-        raise _map_error(url, exc) from exc
-
-    path = path.resolve()
-    if path.parent != dest.resolve() or not path.is_file():
-        _cleanup(dest, basename)
-        raise PermanentError(f"yt-dlp reported {path} which is not a downloaded file in {dest}")
-    size = path.stat().st_size
-    if size == 0:
-        path.unlink(missing_ok=True)
-        raise TransientError(f"download of {url} produced an empty file")
+    with yt_dlp.YoutubeDL(opts) as ydl:
+        # Resolve first without downloading, so a playlist is refused rather than fetched whole.
+        info = ydl.extract_info(url, download=False, process=False)
+        if info is None:
+            raise InvalidSourceError(f"nothing downloadable at {url}")
+        if info.get("_type") in ("playlist", "multi_video"):
+            raise InvalidSourceError(f"URL is a playlist, submit its videos one by one: {url}")
+        if on_info is not None:
+            on_info(info)
+        info = ydl.process_ie_result(info, download=True)
+        downloads = info.get("requested_downloads") or []
+        target = downloads[-1].get("filepath") if downloads else None
+        path = Path(target or ydl.prepare_filename(info))
     title = info.get("title")
-    return DownloadResult(
-        path=path, title=str(title) if title is not None else None, size_bytes=size, source_url=url
-    )
-
+    return path, (str(title) if title is not None else None)

@@ -4,7 +4,9 @@ The binaries come from the system (the setup installs Debian's ``ffmpeg`` packag
 overridden with ``HEATERS_FFMPEG`` / ``HEATERS_FFPROBE``. Every invocation goes through
 :func:`run` so that failures raise :class:`~heaters_dagster.errors.FFmpegError` with the tail of
 ffmpeg's own message, and a process-wide semaphore bounds how many ffmpeg processes run at once
-(the old system was OOM-killed by many concurrent encodes).
+(the old system was OOM-killed by many concurrent encodes). Each process is supervised by
+:mod:`heaters_dagster.media.subprocess_guard`: its own process group, killed with the parent,
+a stall limit and an overall bound scaled to the media's duration (``duration_s``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from functools import lru_cache
 from typing import Sequence
 
 from heaters_dagster.errors import FFmpegError
+from heaters_dagster.media.subprocess_guard import Supervised, kill_all_children
+
+__all__ = ["ffmpeg_bin", "ffprobe_bin", "kill_all_children", "run", "slot"]
 
 _MAX_CONCURRENT = int(os.environ.get("HEATERS_MAX_FFMPEG", "2"))
 _slots = threading.BoundedSemaphore(max(1, _MAX_CONCURRENT))
@@ -54,22 +59,22 @@ def run(
     what: str,
     timeout: float | None = None,
     capture_stdout: bool = True,
+    duration_s: float | None = None,
 ) -> subprocess.CompletedProcess[bytes]:
     """Run ffmpeg/ffprobe (``args[0]`` is the binary) and raise FFmpegError on failure.
 
     ``what`` names the operation in the error message ("normalise source video 12").
+    ``duration_s`` (seconds of media the command handles) scales the overall time bound; a
+    stall or overall expiry raises MediaTimeoutError. ``timeout`` is an extra hard limit that
+    raises a transient FFmpegError, as before.
     """
     with _slots:
-        try:
-            proc = subprocess.run(
-                list(args),
-                stdout=subprocess.PIPE if capture_stdout else subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                timeout=timeout,
-                check=False,
-            )
-        except subprocess.TimeoutExpired as exc:
-            raise FFmpegError(f"{what}: timed out after {timeout:.0f}s", permanent=False) from exc
+        with Supervised(
+            args, what=what, duration_s=duration_s, timeout=timeout,
+            stdout=subprocess.PIPE if capture_stdout else subprocess.DEVNULL,
+        ) as child:
+            stdout, stderr_b, returncode = child.communicate()
+    proc = subprocess.CompletedProcess(list(args), returncode, stdout if capture_stdout else None, stderr_b)
     if proc.returncode != 0:
         stderr = proc.stderr.decode("utf-8", "replace")
         # Killed by a signal (OOM killer, operator): the input is not at fault.

@@ -3,21 +3,63 @@
 Everything downstream (scene detection, frame-exact clip cutting, sprites, keyframes) counts
 frames, so the normalised file must have one frame per 1/fps second with no gaps or duplicates:
 ffmpeg's ``-fps_mode cfr`` at the source's nominal rate guarantees that.
+
+Durations are *measured*, not trusted: the result describes the normalised file, i.e. what
+could actually be decoded. A source whose container claims more than it holds (a header that
+lies, a 60 s container with 5 s of frames) is accepted at its decoded length when ffmpeg
+decoded it without a single error; it is only called truncated or corrupt when decoding failed
+or ffmpeg reported demuxing/decoding errors on the way (e.g. "File ended prematurely").
+
+Limits (``max_pixels``, ``max_duration_s``) are checked on the probe, before any transcoding,
+and the duration limit again on the decoded result (``-t`` stops the encode just past it, so a
+header that under-states a long file costs at most the limit's worth of encoding).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from heaters_dagster.errors import FFmpegError, InvalidMediaError
 from heaters_dagster.media.ffmpeg_tools import ffmpeg_bin, run
-from heaters_dagster.media.probe import ProbeResult, probe, raise_media_error, temp_path_for
+from heaters_dagster.media.probe import ProbeResult, error_tail, probe, raise_media_error, temp_path_for
+
+log = logging.getLogger(__name__)
 
 # A normalised file shorter than its source by more than this means the input ended early.
 _SHORT_TOLERANCE_S = 0.5
 _SHORT_TOLERANCE_FRACTION = 0.02
+
+
+def format_duration(seconds: float) -> str:
+    """``14400`` -> ``"4 h"``, ``5400`` -> ``"1 h 30 min"``, ``90.5`` -> ``"90.5 s"``."""
+    if seconds < 600:
+        return f"{seconds:g} s"
+    hours, rest = divmod(int(round(seconds)), 3600)
+    minutes = rest // 60
+    parts = ([f"{hours} h"] if hours else []) + ([f"{minutes} min"] if minutes else [])
+    return " ".join(parts) or "0 s"
+
+
+def check_limits(info: ProbeResult, name: str, *, max_pixels: int | None = None,
+                 max_duration_s: float | None = None) -> None:
+    """Refuse (InvalidMediaError, permanent) a source whose picture or duration is over a limit."""
+    pixels = info.width * info.height
+    if max_pixels is not None and pixels > max_pixels:
+        raise InvalidMediaError(
+            f"{name} is too large: {info.width}x{info.height} is {pixels:,} pixels per frame, over the limit "
+            f"of {max_pixels:,} (HEATERS_MAX_PIXELS; 3840x2160 = 8,294,400 by default); downscale it first")
+    if max_duration_s is not None and info.duration_s > max_duration_s:
+        raise InvalidMediaError(
+            f"{name} is too long: {format_duration(info.duration_s)}, over the limit of "
+            f"{format_duration(max_duration_s)} (HEATERS_MAX_DURATION_S); cut it into shorter parts")
+
+
+def _stderr(proc: object) -> str:
+    raw = getattr(proc, "stderr", None) or b""
+    return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
 
 
 @dataclass(frozen=True)
@@ -36,14 +78,18 @@ def normalize(
     preset: str = "fast",
     audio_bitrate: str = "192k",
     timeout: float | None = None,
+    max_pixels: int | None = None,
+    max_duration_s: float | None = None,
 ) -> NormalizeResult:
     """Re-encode ``src`` to ``dst`` (H.264 yuv420p, constant frame rate, AAC, faststart).
 
-    Raises InvalidMediaError when the source is not a usable video or turns out to be truncated or
-    corrupt while decoding; ``dst`` is only ever the complete result (written via a temp file).
+    Raises InvalidMediaError when the source is not a usable video, is over a limit, or turns out
+    to be truncated or corrupt while decoding; ``dst`` is only ever the complete result (written
+    via a temp file).
     """
     src_p, dst_p = Path(src), Path(dst)
     info = probe(src_p)
+    check_limits(info, src_p.name, max_pixels=max_pixels, max_duration_s=max_duration_s)
     dst_p.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path_for(dst_p)
 
@@ -59,11 +105,13 @@ def normalize(
     ]
     if info.has_audio:
         args += ["-map", "0:a:0", "-c:a", "aac", "-b:a", audio_bitrate]
+    if max_duration_s is not None:
+        args += ["-t", f"{max_duration_s + 1.0:.3f}"]  # stop just past the limit (checked below)
     args += ["-sn", "-dn", "-map_chapters", "-1", "-movflags", "+faststart", "-f", "mp4", str(tmp)]
 
     try:
         try:
-            run(args, what=f"normalise {src_p.name}", timeout=timeout)
+            proc = run(args, what=f"normalise {src_p.name}", timeout=timeout, duration_s=info.duration_s)
         except FFmpegError as exc:
             raise_media_error(
                 exc,
@@ -71,12 +119,23 @@ def normalize(
                 "fetch or export the source again",
             )
         out = probe(tmp)
+        if max_duration_s is not None and out.duration_s > max_duration_s:
+            raise InvalidMediaError(
+                f"{src_p.name} is too long: it decodes to more than {format_duration(max_duration_s)}, the "
+                f"limit (HEATERS_MAX_DURATION_S); cut it into shorter parts")
         tolerance = max(_SHORT_TOLERANCE_S, _SHORT_TOLERANCE_FRACTION * info.duration_s)
         if out.duration_s < info.duration_s - tolerance:
-            raise InvalidMediaError(
-                f"{src_p.name} is truncated or corrupt: it claims {info.duration_s:.2f}s but only "
-                f"{out.duration_s:.2f}s could be decoded; fetch or export the source again"
-            )
+            # The container claims more than was decoded. With ffmpeg silent (-v error) the file
+            # decoded cleanly and its header is what is wrong: keep the measured result. Errors
+            # on the way ("File ended prematurely", broken packets) mean it really is cut short.
+            errors = error_tail(_stderr(proc))
+            if errors:
+                raise InvalidMediaError(
+                    f"{src_p.name} is truncated or corrupt: it claims {info.duration_s:.2f}s but only "
+                    f"{out.duration_s:.2f}s could be decoded ({errors}); fetch or export the source again"
+                )
+            log.info("%s: container claims %.2fs, decoded %.2fs cleanly; using the decoded length",
+                     src_p.name, info.duration_s, out.duration_s)
         os.replace(tmp, dst_p)
     except BaseException:
         tmp.unlink(missing_ok=True)

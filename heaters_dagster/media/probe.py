@@ -120,6 +120,33 @@ def _looks_like_mp4(path: Path) -> bool:
     return len(head) == 8 and head[4:8] in _MP4_FIRST_BOXES
 
 
+# Single-picture codecs: a file made only of one of these is a still image, not a video.
+_IMAGE_CODECS = frozenset({"png", "mjpeg", "jpeg2000", "webp", "gif", "bmp", "tiff", "ppm", "pgm", "pam",
+                           "qoi", "jpegxl", "svg", "exr", "dpx", "sgi", "targa", "xbm", "xwd", "pcx"})
+
+
+def _is_still_image(format_name: str, video: dict[str, Any]) -> bool:
+    names = format_name.split(",")
+    if any(n.endswith("_pipe") or n in ("image2", "gif", "apng", "webp") for n in names):
+        # an animated GIF/APNG/WebP has many frames: only a single picture counts as an image
+        frames = str(video.get("nb_frames") or "")
+        return not (frames.isdigit() and int(frames) > 1) and str(video.get("codec_name")) in _IMAGE_CODECS
+    return False
+
+
+def _measured_duration(p: Path, rate: Fraction) -> float | None:
+    try:
+        proc = run([ffprobe_bin(), "-hide_banner", "-v", "error", "-select_streams", "V:0", "-count_packets",
+                    "-show_entries", "stream=nb_read_packets", "-of", "csv=p=0", str(p)],
+                   what=f"count frames of {p.name}", timeout=PROBE_TIMEOUT_S)
+    except FFmpegError as exc:
+        if not exc.permanent:
+            raise
+        return None
+    text = proc.stdout.decode("utf-8", "replace").strip().split(",")[0].strip()
+    return int(text) / float(rate) if text.isdigit() and int(text) > 0 else None
+
+
 def probe(path: str | os.PathLike[str]) -> ProbeResult:
     """Describe the video at ``path``; raise InvalidMediaError if it is not a usable video."""
     p = Path(path)
@@ -180,12 +207,24 @@ def probe(path: str | os.PathLike[str]) -> ProbeResult:
     if rate is None:
         raise InvalidMediaError(f"cannot determine the frame rate of the video stream: {p}")
 
+    format_name = str(fmt.get("format_name") or "")
+    if _is_still_image(format_name, video):
+        raise InvalidMediaError(
+            f"not a video: {p.name} is a still image ({video.get('codec_name') or format_name}); "
+            "submit a video file"
+        )
+
     duration = _float(fmt.get("duration"))
     if duration is None:
         duration = _float(video.get("duration"))
     if duration is None or duration <= 0:
+        # No duration in the headers (a raw elementary stream, a live recording): measure it
+        # by counting the video packets (a demux, no decode).
+        duration = _measured_duration(p, rate)
+    if duration is None or duration <= 0:
         raise InvalidMediaError(
-            f"video has no duration (a still image, or a stream without timing?): {p}"
+            f"video has no duration and no frames could be counted (a still image, or a stream "
+            f"without timing?): {p}"
         )
 
     width, height = int(video.get("width") or 0), int(video.get("height") or 0)
@@ -199,7 +238,6 @@ def probe(path: str | os.PathLike[str]) -> ProbeResult:
     if round(abs(rotation)) % 180 == 90:
         width, height = height, width
 
-    format_name = str(fmt.get("format_name") or "")
     if any(name in format_name.split(",") for name in _MP4_FORMATS):
         needed = _mp4_truncation(p, size)
         if needed is not None:
@@ -241,7 +279,8 @@ def check_decodable(path: str | os.PathLike[str], seconds: float | None = None,
         args += ["-map", "0:a:0?"]
     args += ["-f", "null", "-"]
     try:
-        run(args, what=f"decode {p.name}", timeout=timeout)
+        run(args, what=f"decode {p.name}", timeout=timeout,
+            duration_s=info.duration_s if seconds is None else min(seconds, info.duration_s))
     except FFmpegError as exc:
         raise_media_error(
             exc, f"video is truncated or corrupt: decoding {p.name} failed", "fetch or export it again"

@@ -50,6 +50,7 @@ import numpy as np
 
 from heaters_dagster.errors import FFmpegError, InvalidMediaError
 from heaters_dagster.media.ffmpeg_tools import _tail, ffmpeg_bin, ffprobe_bin, run, slot
+from heaters_dagster.media.subprocess_guard import Supervised
 
 DEFAULT_THRESHOLD = 3.0
 DEFAULT_MIN_SCORE = 0.08
@@ -158,12 +159,13 @@ def _rate(text: str | None) -> Fraction | None:
     return r if 0 < r <= 1000 else None
 
 
-def _probe(path: Path) -> tuple[int, int, Fraction]:
-    """(coded width, coded height, frame rate) of the first video stream."""
+def _probe(path: Path) -> tuple[int, int, Fraction, float | None]:
+    """(coded width, coded height, frame rate, duration in seconds if known) of the first video stream."""
     try:
         proc = run(
             [ffprobe_bin(), "-v", "error", "-select_streams", "v:0", "-show_entries",
-             "stream=codec_type,width,height,avg_frame_rate,r_frame_rate", "-of", "json", str(path)],
+             "stream=codec_type,width,height,avg_frame_rate,r_frame_rate:format=duration", "-of", "json",
+             str(path)],
             what=f"probe {path.name}", timeout=120,
         )
     except FFmpegError as exc:
@@ -171,7 +173,8 @@ def _probe(path: Path) -> tuple[int, int, Fraction]:
             raise
         raise InvalidMediaError(f"{path.name}: not a readable media file ({exc})") from exc
     try:
-        streams = json.loads(proc.stdout or b"{}").get("streams") or []
+        described = json.loads(proc.stdout or b"{}")
+        streams = described.get("streams") or []
     except ValueError as exc:
         raise InvalidMediaError(f"{path.name}: ffprobe returned unreadable output") from exc
     if not streams:
@@ -187,7 +190,11 @@ def _probe(path: Path) -> tuple[int, int, Fraction]:
         rate = avg or real  # variable frame rate: the mean rate keeps index/fps ~ time
     if not rate:
         raise InvalidMediaError(f"{path.name}: video stream has no frame rate")
-    return w, h, rate
+    try:
+        duration: float | None = float((described.get("format") or {}).get("duration"))
+    except (TypeError, ValueError):
+        duration = None
+    return w, h, rate, duration
 
 
 def analysis_size_for(width: int, height: int, analysis_width: int) -> tuple[int, int]:
@@ -298,7 +305,7 @@ def score_frames(
         raise InvalidMediaError(f"{path}: no such file")
     if path.stat().st_size == 0:
         raise InvalidMediaError(f"{path.name}: file is empty (0 bytes)")
-    width, height, rate = _probe(path)
+    width, height, rate, duration = _probe(path)
     if fps is not None:
         if not (fps > 0 and math.isfinite(fps)):
             raise ValueError(f"fps must be positive, got {fps!r}")
@@ -320,11 +327,11 @@ def score_frames(
     total = 0
     t0 = time.perf_counter()
     with tempfile.TemporaryFile() as errf, slot():
-        proc = subprocess.Popen(
-            _decode_args(path, size, rate, threads), stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=errf, bufsize=0,
-        )
-        try:
+        with Supervised(
+            _decode_args(path, size, rate, threads), what=f"scene detection decode of {path.name}",
+            duration_s=duration, stdout=subprocess.PIPE, stderr=errf, bufsize=0,
+        ) as child:
+            proc = child.proc
             assert proc.stdout is not None
             while True:
                 got = 0
@@ -347,14 +354,7 @@ def score_frames(
                     tail = cat.slice(max(0, len(cat) - max_gap))
                 if got < len(buf):
                     break
-            rc = proc.wait()
-        except BaseException:
-            proc.kill()
-            proc.wait()
-            raise
-        finally:
-            if proc.stdout is not None:
-                proc.stdout.close()
+            rc = child.wait()  # raises MediaTimeoutError if the guard killed it
         errf.seek(0)
         stderr = errf.read().decode("utf-8", "replace")
     elapsed = time.perf_counter() - t0

@@ -202,7 +202,7 @@ def make_sprite(
     ]
     try:
         try:
-            proc = run(args, what=f"sprite sheet for {clip.name}", timeout=timeout)
+            proc = run(args, what=f"sprite sheet for {clip.name}", timeout=timeout, duration_s=info.duration_s)
         except FFmpegError as exc:
             raise_media_error(exc, f"making the sprite sheet of {clip.name} failed")
         thumbnail = proc.stdout

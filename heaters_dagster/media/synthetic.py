@@ -114,7 +114,7 @@ def make_video(
         "-c:v", "libx264", "-preset", preset, "-crf", str(crf), "-pix_fmt", "yuv420p",
         "-r", str(fps), "-movflags", "+faststart", str(path),
     ]
-    run(args, what=f"generate synthetic video {path.name}")
+    run(args, what=f"generate synthetic video {path.name}", duration_s=total / fps)
     return SyntheticVideo(
         path=path, fps=fps, width=width, height=height, scene_frames=tuple(frames),
         flash_frames=tuple(int(f) for f in flash_frames), has_audio=audio,

@@ -32,18 +32,25 @@ def ingest(ctx: Any, item: ItemSnapshot) -> ItemOutput:
     from heaters_dagster.media.fetch import download_url
     from heaters_dagster.media.normalize import normalize
 
+    from heaters_dagster.pipeline.submit import clean_title
+    from heaters_dagster.settings import max_duration_s, max_pixels
+
     out_path = ctx.workdir / "normalized.mp4"
     files: list[FileToStore] = []
+    # Limits (HEATERS_MAX_PIXELS / HEATERS_MAX_DURATION_S) are checked after the probe, before
+    # any transcoding: a source over one fails permanently with the limit in the message.
+    opts = {**_pick(ctx.params, "crf", "preset", "audio_bitrate"), "max_pixels": max_pixels(),
+            "max_duration_s": max_duration_s()}
     if item["source_kind"] == "url":
         ctx.info(item, "downloading %s", item["source_uri"])
         dl = download_url(item["source_uri"], ctx.workdir / "download", basename="original")
-        res = normalize(dl.path, out_path, **_pick(ctx.params, "crf", "preset", "audio_bitrate"))
-        title = item["title"] or dl.title
+        res = normalize(dl.path, out_path, **opts)
+        title = item["title"] or clean_title(dl.title)
     else:
         if not item["original_key"]:
             raise PermanentError(f"video {item.id} has no stored original file")
         with ctx.store.local_copy(item["original_key"]) as src:
-            res = normalize(src, out_path, **_pick(ctx.params, "crf", "preset", "audio_bitrate"))
+            res = normalize(src, out_path, **opts)
         title = item["title"]
     key = storage_keys.source_normalized(item.id)
     files.append(FileToStore(key, out_path))
@@ -72,6 +79,8 @@ def splice(ctx: Any, item: ItemSnapshot) -> ItemOutput:
         spans = [(s.start_frame, s.end_frame) for s in det.scenes]
         ctx.info(item, "%d cuts, %d scenes kept, %d dropped as too short", len(det.cut_frames), len(spans),
                  len(det.dropped))
+        if not spans:
+            raise PermanentError(no_clip_message(det, float(ctx.params.get("min_scene_s") or 1.0)))
         cut = cut_clips(src, spans, ctx.workdir / "clips", fps=fps,
                         **_pick(ctx.params, "crf", "preset", "audio_bitrate")) if spans else None
     new_clips = [
@@ -90,6 +99,19 @@ def splice(ctx: Any, item: ItemSnapshot) -> ItemOutput:
                   "clip_bytes": sum(c.size_bytes for c in cut.clips) if cut else 0},
         result=det,
     )
+
+
+def no_clip_message(det: Any, min_scene_s: float) -> str:
+    """Why splicing found nothing to cut: a video shorter than one clip, or only short scenes."""
+    frames = int(det.frame_count)
+    seconds = frames / float(det.fps) if det.fps else 0.0
+    shown = f"{frames} frame{'s' if frames != 1 else ''} ({seconds:.2f} s)"
+    if seconds < min_scene_s:
+        return (f"no clip: the video has {shown}; the shortest clip is min_scene_s={min_scene_s:g} s "
+                "(submit a longer video, or lower the splice stage's min_scene_s)")
+    scenes = len(det.scenes) + len(det.dropped)
+    return (f"no clip: all {scenes} scenes of the video ({shown}) are shorter than min_scene_s="
+            f"{min_scene_s:g} s (lower the splice stage's min_scene_s to keep them)")
 
 
 # -- clip stages -------------------------------------------------------------------------------

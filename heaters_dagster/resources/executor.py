@@ -170,7 +170,14 @@ class StageExecutor(dg.ConfigurableResource):
                             one(item)
                     else:
                         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"heaters-{stage.name}") as pool:
-                            list(pool.map(one, items))
+                            try:
+                                list(pool.map(one, items))
+                            except BaseException as exc:
+                                if not isinstance(exc, Exception):
+                                    # Interrupted (run terminated, Ctrl+C) while workers wait on ffmpeg or
+                                    # yt-dlp: kill those children, or the pool's shutdown would wait for them.
+                                    _kill_children()
+                                raise
             except BaseException as exc:  # interrupted (run terminated, Ctrl+C): hand unfinished items back
                 _kill_children()
                 self._release_unfinished(stage, claimed, report, log, exc, who.owner)

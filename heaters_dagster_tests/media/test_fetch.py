@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import http.server
+import os
 import socket
 import threading
 from pathlib import Path
@@ -54,7 +55,27 @@ def test_missing_directory_and_empty_sources_are_refused(tmp_path: Path) -> None
         classify_source("https://")
 
 
+def test_special_files_are_refused(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe.mp4"
+    os.mkfifo(fifo)
+    with pytest.raises(InvalidSourceError, match=r"named pipe \(FIFO\), not a regular file"):
+        classify_source(str(fifo))
+    with pytest.raises(InvalidSourceError, match="character device"):
+        classify_source("/dev/zero")
+    link = tmp_path / "zero.mp4"
+    link.symlink_to("/dev/zero")  # what counts is what would be read
+    with pytest.raises(InvalidSourceError, match="character device"):
+        classify_source(str(link))
+
+
 # -- download_url ------------------------------------------------------------------------------
+@pytest.fixture(autouse=True)
+def _allow_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The local test server is on 127.0.0.1, which the URL guard refuses unless told otherwise
+    (test_url_guard.py checks the refusals)."""
+    monkeypatch.setenv("HEATERS_ALLOW_PRIVATE_URLS", "1")
+
+
 class _Handler(http.server.SimpleHTTPRequestHandler):
     def do_GET(self) -> None:
         if self.path.startswith("/busy"):

@@ -139,6 +139,62 @@ def test_check_decodable(media: dict[str, Path]) -> None:
         check_decodable(media["trunc_faststart.mp4"])
 
 
+def _lie_about_duration(src: Path, dst: Path, seconds: float) -> Path:
+    """Rewrite the MP4 movie header (mvhd, version 0) to claim ``seconds``; the frames stay."""
+    import struct
+
+    data = bytearray(src.read_bytes())
+    at = data.find(b"mvhd") + 4
+    timescale = struct.unpack_from(">I", data, at + 12)[0]
+    struct.pack_into(">I", data, at + 16, int(seconds * timescale))
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+def test_normalize_measures_a_source_whose_header_claims_more_than_it_holds(
+    good_video: SyntheticVideo, tmp_path: Path
+) -> None:
+    lying = _lie_about_duration(good_video.path, tmp_path / "lying.mp4", 60.0)
+    assert probe(lying).duration_s == pytest.approx(60.0)
+    res = normalize(lying, tmp_path / "n" / "normalized.mp4", preset="ultrafast")
+    assert res.input.duration_s == pytest.approx(60.0)
+    assert res.output.duration_s == pytest.approx(good_video.duration_s, abs=0.1)
+    assert frame_numbers(res.output_path) == list(range(good_video.frame_count))
+
+
+def test_truncated_mkv_still_fails_with_ffmpegs_reason(media: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(InvalidMediaError, match=r"truncated or corrupt: .*File ended prematurely.*again"):
+        normalize(media["trunc.mkv"], tmp_path / "out.mp4", preset="ultrafast")
+
+
+def test_normalize_refuses_sources_over_the_limits_before_transcoding(
+    good_video: SyntheticVideo, tmp_path: Path
+) -> None:
+    out = tmp_path / "out" / "normalized.mp4"
+    with pytest.raises(InvalidMediaError, match=r"320x180 is 57,600 pixels per frame, over the limit of 50,000"):
+        normalize(good_video.path, out, max_pixels=50_000)
+    with pytest.raises(InvalidMediaError, match=r"too long: 2 s, over the limit of 1.5 s \(HEATERS_MAX_DURATION_S\)"):
+        normalize(good_video.path, out, max_duration_s=1.5)
+    assert not out.parent.exists() or list(out.parent.iterdir()) == []
+    # a header that under-states the length: the decoded result is checked too
+    short_claim = _lie_about_duration(good_video.path, tmp_path / "short_claim.mp4", 0.5)
+    with pytest.raises(InvalidMediaError, match="decodes to more than 1 s"):
+        normalize(short_claim, out, max_duration_s=1.0, preset="ultrafast")
+    assert not out.exists()
+
+
+def test_probe_refuses_still_images_and_measures_streams_without_duration(tmp_path: Path) -> None:
+    ffmpeg("-f", "lavfi", "-i", "testsrc2=size=64x48", "-frames:v", "1", str(tmp_path / "still.png"))
+    ffmpeg("-f", "lavfi", "-i", "testsrc2=size=64x48", "-frames:v", "1", str(tmp_path / "still.jpg"))
+    for name in ("still.png", "still.jpg"):
+        with pytest.raises(InvalidMediaError, match=f"not a video: {name} is a still image"):
+            probe(tmp_path / name)
+    raw = tmp_path / "raw.h264"  # an elementary stream: no container, no duration in any header
+    ffmpeg("-f", "lavfi", "-i", "testsrc2=size=64x48:rate=24", "-t", "1", "-c:v", "libx264", "-preset",
+           "ultrafast", "-f", "h264", str(raw))
+    assert probe(raw).duration_s == pytest.approx(1.0)
+
+
 def test_normalize_keeps_every_frame_at_constant_rate(good_video: SyntheticVideo, tmp_path: Path) -> None:
     dst = tmp_path / "n" / "normalized.mp4"
     res = normalize(good_video.path, dst, preset="ultrafast")
