@@ -105,7 +105,8 @@ def status(as_json: bool) -> None:
 @click.option("--fix", is_flag=True, help="Repair what can be repaired (see heaters_dagster/doctor.py).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--orphan-grace", type=float, default=None,
-              help="Seconds before an unreferenced store file or temp file counts (HEATERS_ORPHAN_GRACE_S, 3600).")
+              help="Seconds before an unreferenced store file or temp file counts "
+              "(HEATERS_ORPHAN_GRACE_S, 3600).")
 @click.option("--scratch-grace", type=float, default=None,
               help="Seconds a scratch folder must be untouched to be stale (HEATERS_SCRATCH_GRACE_S, 21600).")
 @click.option("--scratch-dir", "scratch_dirs", multiple=True, type=click.Path(file_okay=False),
@@ -121,9 +122,9 @@ def doctor(fix: bool, as_json: bool, orphan_grace: float | None, scratch_grace: 
 
     _db_ready()
     store = ArtifactStore(storage_url())
-    kw = {"orphan_grace": orphan_grace, "scratch_grace": scratch_grace, "scratch_dirs": list(scratch_dirs) or None}
     with session_scope() as s:
-        report = diagnose(s, store, **kw)
+        report = diagnose(s, store, orphan_grace=orphan_grace, scratch_grace=scratch_grace,
+                          scratch_dirs=list(scratch_dirs) or None)
     if fix and report.findings:
         with session_scope() as s:
             repair(report, s, store)
@@ -242,13 +243,22 @@ def search(clip_id: int | None, query: str | None, k: int, source_video_id: int 
               help="Apply review events from the page itself (when the Dagster daemon is not running).")
 def review(host: str, port: int, token: str | None, apply_events: bool) -> None:
     """Serve the review page for human reviewers."""
+    from heaters_dagster.database.embedded import stop_embedded
     from heaters_dagster.review.app import serve
 
-    _db_ready()
-    if not token:
-        click.echo("warning: no reviewer token configured; the page is read-only (set HEATERS_REVIEW_TOKEN)",
-                   err=True)
-    serve(host=host, port=port, token=token, apply_events=apply_events)
+    # uvicorn shuts down on SIGTERM/SIGINT and then re-raises the signal with the handler it found:
+    # with SIGTERM's default that would kill the process before the embedded server is stopped, so
+    # exit through SystemExit instead. SIGHUP (terminal closed) becomes a SIGTERM for uvicorn.
+    _exit_on_signals(signal.SIGTERM)
+    signal.signal(signal.SIGHUP, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
+    try:
+        _db_ready()
+        if not token:
+            click.echo("warning: no reviewer token configured; the page is read-only (set HEATERS_REVIEW_TOKEN)",
+                       err=True)
+        serve(host=host, port=port, token=token, apply_events=apply_events)
+    finally:
+        stop_embedded()
 
 
 # -- demo / dev --------------------------------------------------------------------------------
@@ -300,8 +310,22 @@ def dev(ctx: click.Context) -> None:
     """Start the platform: database up, migrations applied, then `dagster dev` with this project's
     workspace.yaml and dagster.yaml. Extra arguments go to `dagster dev` (e.g. -p 3000)."""
     from heaters_dagster.dagster_home import prepare_dagster_home, project_root
-    from heaters_dagster.database.embedded import ensure_environment
+    from heaters_dagster.database.embedded import ensure_environment, stop_embedded
+    from heaters_dagster.lifecycle import DevAlreadyRunning, DevSupervisor, acquire_dev_lock, recover_previous_dev
+    from heaters_dagster.settings import heaters_home
 
+    # Until the supervisor takes over, a SIGTERM/SIGHUP exits through atexit (which stops the
+    # embedded server) instead of killing the process outright.
+    _exit_on_signals(signal.SIGTERM, signal.SIGHUP)
+    hhome = heaters_home()
+    try:
+        acquire_dev_lock(hhome)
+    except DevAlreadyRunning as exc:
+        raise click.ClickException(str(exc)) from exc
+    def say(message: str) -> None:
+        click.echo(f"heaters dev: {message}", err=True)
+
+    recover_previous_dev(hhome, echo=say)
     ensure_environment()
     _db_ready()
     home = prepare_dagster_home()
@@ -309,24 +333,22 @@ def dev(ctx: click.Context) -> None:
     click.echo(f"DAGSTER_HOME={home}\nHEATERS_DATABASE_URL={os.environ['HEATERS_DATABASE_URL']}")
     dagster = Path(sys.executable).with_name("dagster")
     cmd = [str(dagster if dagster.exists() else "dagster"), "dev", "-w", str(root / "workspace.yaml"), *ctx.args]
-    child = subprocess.Popen(cmd, cwd=root)
-
-    def stop(*_: object) -> None:
-        # A SIGTERM (service manager, `timeout`) stops Dagster, then exits through atexit so the
-        # embedded server stops too.
-        child.terminate()
-        try:
-            child.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            child.kill()
-        sys.exit(143)
-
-    signal.signal(signal.SIGTERM, stop)
+    # SIGTERM/SIGINT/SIGHUP: dagster dev shuts down gracefully, anything of its tree still alive after
+    # 18 s is killed, then the embedded server stops (see heaters_dagster/lifecycle.py).
+    supervisor = DevSupervisor(cmd, cwd=root, home=hhome, grace_s=18.0, echo=say)
     try:
-        sys.exit(child.wait())
-    except KeyboardInterrupt:
-        child.wait()
-        sys.exit(130)
+        code = supervisor.run()
+    finally:
+        stop_embedded()
+    sys.exit(code)
+
+
+def _exit_on_signals(*signums: int) -> None:
+    def handler(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    for signum in signums:
+        signal.signal(signum, handler)
 
 
 def main() -> None:  # pragma: no cover
