@@ -205,3 +205,22 @@ def test_two_executors_over_the_same_items_process_each_once(defs, db, store):
         done = s.execute(select(StageResult.entity_id).where(StageResult.status == "succeeded")).scalars().all()
         arts = s.execute(select(ClipArtifact.clip_id)).scalars().all()
     assert sorted(done) == ids and sorted(arts) == ids
+
+
+def test_run_with_held_items_says_so_in_its_tags(defs, db, instance):
+    """A run that skipped items because another worker held them is not a silent clean success."""
+    import dagster as dg
+
+    from heaters_dagster.assets.factory import build_stage_asset
+
+    vid = make_video(db)
+    held, free = make_clips(db, vid, [(0, 24), (24, 48)])
+    with db.session() as s:
+        leases.claim(s, SPRITE, held, leases.Claimant("run-z/sprite#0@h:9", "run-z"))
+    instance.add_dynamic_partitions(STAGE.partitions_name, [str(held), str(free)])
+    result = dg.materialize([build_stage_asset(STAGE)], instance=instance, resources=defs.resources,
+                            tags={"dagster/asset_partition_range_start": str(held),
+                                  "dagster/asset_partition_range_end": str(free)})
+    tags = instance.get_run_by_id(result.run_id).tags
+    assert tags["heaters/held"] == str(held) and tags["heaters/succeeded"] == "1"
+    assert row_of(db, "clip", free).state == "pending_review"

