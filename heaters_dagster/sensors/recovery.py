@@ -15,14 +15,13 @@ Both only change rows; the stage sensors do the requesting, so nothing is reques
 
 from __future__ import annotations
 
-import os
-
 import dagster as dg
 
 from heaters_dagster import leases
 from heaters_dagster.resources.database import DatabaseResource
+from heaters_dagster.settings import get_settings
 
-RECOVERY_INTERVAL_S = int(os.environ.get("HEATERS_RECOVERY_INTERVAL_S", "15"))
+RECOVERY_INTERVAL_S = get_settings().recovery_interval_s  # fixed when the code location loads
 
 
 def _describe(recovered: list[leases.Recovered]) -> str:
