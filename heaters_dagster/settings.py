@@ -270,7 +270,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
     for key, value in raw.items():
         name = key.lower().removeprefix("heaters_")
         if name not in fields:
-            raise ConfigError(f"{path}: unknown setting {key!r}; `heaters config` lists the settings")
+            raise ConfigError(f"{path}: unknown setting {key!r} (the settings: README.md, Configuration)")
         if isinstance(value, str) and value and _is_relative_path(name, value):
             value = str((path.parent / Path(value).expanduser()).resolve())
         data[name] = value
