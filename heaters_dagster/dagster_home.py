@@ -6,16 +6,9 @@ import os
 import shutil
 from pathlib import Path
 
-from heaters_dagster.settings import heaters_home
+from heaters_dagster.settings import heaters_home, project_root
 
-
-def project_root() -> Path:
-    """The folder holding workspace.yaml: the current folder or a parent, else the checkout."""
-    here = Path.cwd().resolve()
-    for d in (here, *here.parents):
-        if (d / "workspace.yaml").exists() and (d / "dagster.yaml").exists():
-            return d
-    return Path(__file__).resolve().parents[1]
+__all__ = ["prepare_dagster_home", "project_root"]
 
 
 def prepare_dagster_home() -> Path:

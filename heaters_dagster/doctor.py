@@ -53,23 +53,19 @@ from typing import Any, Iterable, Sequence
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from heaters_dagster.settings import env_float
+from heaters_dagster.settings import get_settings
 from heaters_dagster.storage import ArtifactStore, StoredEntry, is_temp_name
 
 CHECKS = ("expired_claim", "orphan_file", "missing_file", "temp_file", "stale_scratch", "stale_pg_holder")
 
-DEFAULT_ORPHAN_GRACE_S = 3600.0
-DEFAULT_SCRATCH_GRACE_S = 6 * 3600.0
-
-
 def orphan_grace_s() -> float:
     """How old an unreferenced store file or temp file must be to count (``HEATERS_ORPHAN_GRACE_S``)."""
-    return max(0.0, env_float("HEATERS_ORPHAN_GRACE_S", DEFAULT_ORPHAN_GRACE_S))
+    return max(0.0, get_settings().orphan_grace_s)
 
 
 def scratch_grace_s() -> float:
     """How long a scratch folder must be untouched to count as stale (``HEATERS_SCRATCH_GRACE_S``)."""
-    return max(0.0, env_float("HEATERS_SCRATCH_GRACE_S", DEFAULT_SCRATCH_GRACE_S))
+    return max(0.0, get_settings().scratch_grace_s)
 
 
 @dataclass

@@ -27,6 +27,10 @@ class TransientError(HeatersError):
     """A retry may succeed: the failure came from the environment, not from the input."""
 
 
+class ConfigError(PermanentError, ValueError):
+    """A setting (environment or heaters.toml) has a value Heaters cannot use."""
+
+
 class InvalidMediaError(PermanentError):
     """The media file is missing, empty, not a video, truncated or undecodable."""
 

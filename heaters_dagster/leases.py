@@ -38,19 +38,19 @@ from typing import Any, Iterable, Sequence
 from sqlalchemy import bindparam, text
 from sqlalchemy.orm import Session
 
-from heaters_dagster.settings import env_float
+from heaters_dagster.settings import get_settings
 
 TABLES = {"video": "source_videos", "clip": "clips"}
 
 
 def lease_seconds() -> float:
     """How long a claim lives without a heartbeat (``HEATERS_LEASE_S``, default 120 s)."""
-    return max(1.0, env_float("HEATERS_LEASE_S", 120.0))
+    return max(1.0, get_settings().lease_s)
 
 
 def max_lost() -> int:
     """After this many lost claims an item is a poison item (``HEATERS_MAX_LOST``, default 3)."""
-    return max(1, int(env_float("HEATERS_MAX_LOST", 3)))
+    return max(1, get_settings().max_lost)
 
 
 def owner_token(run_id: str | None, step_key: str | None, attempt: int) -> str:

@@ -9,11 +9,16 @@ results when more exist: a query restricted to one source video is answered exac
 small, and an index walk through every other video's rows is both slower and less accurate, as
 ``bench/bench_search.py`` measured), and an index search that comes back short (pgvector stops
 after ``hnsw.max_scan_tuples``) is repeated exactly.
+
+Which model's vectors are searched (:func:`choose_model`): the configured one (the embedding
+stage's settings), unless it has no stored embeddings and another model has, as when the pipeline
+ran with other settings than the command (``HEATERS_CLIP_PRETRAINED=none`` given to ``heaters dev``
+only): then the stored embeddings' model is used, and the caller says so.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -41,6 +46,80 @@ class SearchHit:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """The model whose vectors a search uses, and why."""
+
+    model_id: str
+    configured_model_id: str
+    strategy: str
+
+    @property
+    def source(self) -> str:
+        """``configured``, or ``stored`` when the configured model has no embeddings to search."""
+        return "configured" if self.model_id == self.configured_model_id else "stored"
+
+    def describe(self) -> str:
+        if self.source == "configured":
+            return f"model {self.model_id} ({self.strategy})"
+        return (f"model {self.model_id} ({self.strategy}): the model of the stored embeddings; the configured "
+                f"{self.configured_model_id} has none")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model_id": self.model_id, "configured_model_id": self.configured_model_id,
+                "model_source": self.source, "strategy": self.strategy}
+
+
+def stored_models(session: Session, strategy: str, clip_id: int | None = None) -> list[str]:
+    """Model ids with stored embeddings of ``strategy``: one clip's (newest first), or all (most
+    embeddings first; an index-only scan of ix_embeddings_model_strategy)."""
+    if clip_id is not None:
+        sql = ("SELECT model_id FROM embeddings WHERE clip_id = :clip AND strategy = :strategy "
+               "ORDER BY updated_at DESC, model_id")
+    else:
+        sql = ("SELECT model_id FROM embeddings WHERE strategy = :strategy GROUP BY model_id "
+               "ORDER BY count(*) DESC, model_id")
+    return [r.model_id for r in session.execute(text(sql), {"strategy": strategy, "clip": clip_id})]
+
+
+def has_embeddings(session: Session, model_id: str, strategy: str) -> bool:
+    return bool(session.execute(text("SELECT EXISTS (SELECT 1 FROM embeddings WHERE model_id = :m AND "
+                                     "strategy = :s)"), {"m": model_id, "s": strategy}).scalar())
+
+
+def choose_model(session: Session, configured_model_id: str, strategy: str,
+                 clip_id: int | None = None) -> ModelChoice:
+    """The model to search with: of ``clip_id``'s stored embeddings (when given and it has any) the
+    configured model's, else its newest; otherwise the configured model when it has stored
+    embeddings, else the stored model with the most embeddings (the configured one when none are
+    stored at all)."""
+    def chosen(model_id: str) -> ModelChoice:
+        return ModelChoice(model_id, configured_model_id, strategy)
+
+    if clip_id is not None:
+        own = stored_models(session, strategy, clip_id)
+        if own:
+            return chosen(configured_model_id if configured_model_id in own else own[0])
+    if has_embeddings(session, configured_model_id, strategy):
+        return chosen(configured_model_id)
+    stored = stored_models(session, strategy)
+    return chosen(stored[0] if stored else configured_model_id)
+
+
+def spec_for_model(model_id: str, configured: Any) -> Any:
+    """An embedding model spec that produces ``model_id``'s vectors, from the configured spec (device,
+    precision and batch size kept). A checkpoint model can only be the configured one."""
+    if model_id == configured.model_id:
+        return configured
+    name, _, weights = model_id.partition("/")
+    if weights.startswith("ckpt:"):
+        raise PermanentError(
+            f"the stored embeddings were made with a checkpoint file ({model_id}); set HEATERS_CLIP_CHECKPOINT "
+            "(or clip_checkpoint in heaters.toml) to that file")
+    return replace(configured, model_name=name, pretrained=None if weights == "random" else weights,
+                   checkpoint_path=None)
 
 
 def clip_vector(session: Session, clip_id: int, model_id: str, strategy: str) -> np.ndarray:
@@ -98,8 +177,13 @@ def search_vector(session: Session, query: np.ndarray, *, model_id: str, strateg
 
 
 def search_by_clip(session: Session, clip_id: int, *, model_id: str, strategy: str, **kw: Any) -> list[SearchHit]:
-    if session.get(Clip, clip_id) is None:
+    clip = session.get(Clip, clip_id)
+    if clip is None:
         raise PermanentError(f"clip {clip_id} does not exist")
+    if not stored_models(session, strategy, clip_id):
+        raise PermanentError(
+            f"clip {clip_id} has no {strategy} embedding yet (it is {clip.state}); only embedded clips can be "
+            "searched by --clip: approve it on the review page and let the embedding stage run, or use --text")
     return search_vector(session, clip_vector(session, clip_id, model_id, strategy), model_id=model_id,
                          strategy=strategy, **kw)
 

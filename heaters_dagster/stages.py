@@ -61,20 +61,10 @@ _H = "heaters_dagster.pipeline.handlers"
 
 
 def embedding_defaults() -> dict[str, Any]:
-    """Embedding settings from the environment (README: "Model weights")."""
-    import os
+    """Embedding settings from the configuration (environment or heaters.toml; README: "Configuration")."""
+    from heaters_dagster.settings import get_settings
 
-    pretrained = os.environ.get("HEATERS_CLIP_PRETRAINED", "laion2b_s34b_b79k")
-    return {
-        "model_name": os.environ.get("HEATERS_CLIP_MODEL", "ViT-B-32"),
-        "pretrained": None if pretrained.lower() in ("", "none", "random") else pretrained,
-        "checkpoint_path": os.environ.get("HEATERS_CLIP_CHECKPOINT") or None,
-        "precision": os.environ.get("HEATERS_CLIP_PRECISION", "auto"),
-        "device": os.environ.get("HEATERS_CLIP_DEVICE", "auto"),
-        "batch_size": int(os.environ.get("HEATERS_CLIP_BATCH", "32")),
-        "strategy": os.environ.get("HEATERS_EMBEDDING_STRATEGY", "keyframe_multi_avg"),
-        "keyframe_strategy": "multi",
-    }
+    return {**get_settings().embedding_params(), "keyframe_strategy": "multi"}
 
 STAGES: tuple[Stage, ...] = (
     Stage(

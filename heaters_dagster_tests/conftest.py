@@ -14,6 +14,9 @@ import pytest
 _TEST_HOME = Path(tempfile.mkdtemp(prefix="heaters-test-home-"))
 os.environ.setdefault("HEATERS_HOME", str(_TEST_HOME))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# A developer's heaters.toml (in the checkout or their home) never reaches the tests: tests that
+# need a project file write their own and point HEATERS_CONFIG / HEATERS_HOME at it.
+os.environ["HEATERS_CONFIG"] = "none"
 # Tests never use a developer's configured database by accident.
 os.environ.pop("HEATERS_DATABASE_URL", None)
 if os.environ.get("HEATERS_TEST_DATABASE_URL"):

@@ -81,7 +81,11 @@ def test_materializations_visible_per_partition(defs, db, store, instance, sampl
     recs = instance.fetch_materializations(dg.AssetKey("sprite"), limit=100).records
     assert sorted(int(r.partition_key) for r in recs) == [c.id for c in clips]
     md = recs[0].asset_materialization.metadata
-    assert md["preview"].value.startswith("![sprite") and "data:image/jpeg;base64," in md["preview"].value
+    assert md["thumbnail"].value.startswith("![sprite") and "data:image/jpeg;base64," in md["thumbnail"].value
+    # shown inline by the UI (markdown under 1,000 characters), linked to the clip on the review page
+    cid, base = int(recs[0].partition_key), "http://127.0.0.1:8765"
+    assert md["preview"].value == f"[![sprite {cid}]({base}/api/clips/{cid}/thumbnail)]({base}/clip/{cid})"
+    assert md["review_page"] == dg.MetadataValue.url(f"{base}/clip/{cid}")
 
 
 def _bad_inputs(tmp_path, sample):

@@ -119,7 +119,9 @@ def test_search_cli_json(sdefs, db, store, instance, sample, monkeypatch):
     monkeypatch.setitem(stages.get_stage("embedding").params, "pretrained", None)
     out = CliRunner().invoke(cli, ["search", "--clip", str(first.id), "-k", "2", "--json"])
     assert out.exit_code == 0, out.output
-    rows = json.loads(out.output)
+    data = json.loads(out.output)
+    assert data["model_source"] == "configured" and data["model_id"] == data["configured_model_id"]
+    rows = data["results"]
     assert rows[0]["clip_id"] == first.id and len(rows) == 2
     assert rows[0]["file_uri"].endswith(".mp4")
     bad = CliRunner().invoke(cli, ["search", "--clip", "999999"])

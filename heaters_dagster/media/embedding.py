@@ -184,7 +184,11 @@ def resolve_cache_dir(spec_cache_dir: str | None = None) -> str:
     ``HF_HOME``/hub, then huggingface_hub's default (environment read at call time)."""
     if spec_cache_dir:
         return str(Path(spec_cache_dir).expanduser())
-    for var in (ENV_MODEL_CACHE, "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+    from heaters_dagster.settings import get_settings
+
+    if get_settings().model_cache:
+        return str(Path(get_settings().model_cache).expanduser())
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
         if os.environ.get(var):
             return str(Path(os.environ[var]).expanduser())
     if os.environ.get("HF_HOME"):
@@ -243,7 +247,7 @@ def _weights_help(spec: EmbeddingModelSpec, cfg: Mapping[str, Any], cache_dir: s
         else f"download {cfg.get('url', '?')} into {cache_dir}"
     )
     return (
-        "To use local weights: (1) set checkpoint_path to an open_clip checkpoint file "
+        "To use local weights: (1) set checkpoint_path (HEATERS_CLIP_CHECKPOINT) to an open_clip checkpoint file "
         "(.safetensors/.bin/.pt state_dict) for this architecture, or (2) pre-populate the "
         f"Hugging Face cache on a machine with network access, e.g. {fetch}, then copy it here "
         f"and point {ENV_MODEL_CACHE} (or cache_dir / HF_HUB_CACHE / HF_HOME) at it, "

@@ -11,7 +11,6 @@ a stall limit and an overall bound scaled to the media's duration (``duration_s`
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import threading
@@ -23,8 +22,19 @@ from heaters_dagster.media.subprocess_guard import Supervised, kill_all_children
 
 __all__ = ["ffmpeg_bin", "ffprobe_bin", "kill_all_children", "run", "slot"]
 
-_MAX_CONCURRENT = int(os.environ.get("HEATERS_MAX_FFMPEG", "2"))
-_slots = threading.BoundedSemaphore(max(1, _MAX_CONCURRENT))
+_slots: threading.BoundedSemaphore | None = None
+_slots_lock = threading.Lock()
+
+
+def _get_slots() -> threading.BoundedSemaphore:
+    """The process-wide bound (HEATERS_MAX_FFMPEG), fixed when the first ffmpeg starts."""
+    global _slots
+    with _slots_lock:
+        if _slots is None:
+            from heaters_dagster.settings import get_settings
+
+            _slots = threading.BoundedSemaphore(max(1, get_settings().max_ffmpeg))
+        return _slots
 
 
 @lru_cache(maxsize=None)
@@ -38,7 +48,9 @@ def ffprobe_bin() -> str:
 
 
 def _find(env: str, name: str) -> str:
-    path = os.environ.get(env) or shutil.which(name)
+    from heaters_dagster.settings import get_settings
+
+    path = getattr(get_settings(), name) or shutil.which(name)
     if not path:
         raise FFmpegError(
             f"{name} not found on PATH; run the setup (scripts/setup.sh installs Debian's ffmpeg) "
@@ -68,7 +80,7 @@ def run(
     stall or overall expiry raises MediaTimeoutError. ``timeout`` is an extra hard limit that
     raises a transient FFmpegError, as before.
     """
-    with _slots:
+    with _get_slots():
         with Supervised(
             args, what=what, duration_s=duration_s, timeout=timeout,
             stdout=subprocess.PIPE if capture_stdout else subprocess.DEVNULL,
@@ -85,4 +97,4 @@ def run(
 
 def slot() -> threading.BoundedSemaphore:
     """The semaphore bounding concurrent ffmpeg processes, for callers that stream via Popen."""
-    return _slots
+    return _get_slots()

@@ -40,9 +40,6 @@ from heaters_dagster.errors import FFmpegError, MediaTimeoutError
 STALL_ENV = "HEATERS_STALL_TIMEOUT_S"
 BASE_ENV = "HEATERS_TIMEOUT_BASE_S"
 PER_MEDIA_ENV = "HEATERS_TIMEOUT_PER_MEDIA_S"
-DEFAULT_STALL_S = 120.0
-DEFAULT_BASE_S = 300.0
-DEFAULT_PER_MEDIA_S = 10.0
 KILL_GRACE_S = 5.0  # SIGTERM first (ffmpeg finishes cleanly), SIGKILL after this long
 _STDERR_KEEP = 1 << 20  # bytes of stderr kept for error messages (the tail)
 _PROC = Path("/proc")
@@ -65,15 +62,8 @@ _prctl = _load_prctl()
 
 
 # -- limits -----------------------------------------------------------------------------------
-def _env_seconds(name: str, default: float) -> float | None:
-    """A non-negative number of seconds from the environment; 0 (or less) turns the limit off."""
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"{name} must be a number of seconds, got {raw!r}") from None
+def _limit(value: float) -> float | None:
+    """A limit in seconds from the settings; 0 (or less) turns it off."""
     return value if value > 0 else None
 
 
@@ -108,11 +98,15 @@ class Limits:
 
 
 def limits(duration_s: float | None = None) -> Limits:
-    """The current limits from HEATERS_STALL_TIMEOUT_S / _BASE_S / _PER_MEDIA_S (read now)."""
+    """The current limits from HEATERS_STALL_TIMEOUT_S / _BASE_S / _PER_MEDIA_S (read now; the
+    settings raise ConfigError, a ValueError, for a value that is not a number)."""
+    from heaters_dagster.settings import get_settings
+
+    s = get_settings()
     return Limits(
-        stall_s=_env_seconds(STALL_ENV, DEFAULT_STALL_S),
-        base_s=_env_seconds(BASE_ENV, DEFAULT_BASE_S),
-        per_media_s=_env_seconds(PER_MEDIA_ENV, DEFAULT_PER_MEDIA_S),
+        stall_s=_limit(s.stall_timeout_s),
+        base_s=_limit(s.timeout_base_s),
+        per_media_s=_limit(s.timeout_per_media_s),
         duration_s=duration_s if duration_s is not None and duration_s > 0 else None,
     )
 

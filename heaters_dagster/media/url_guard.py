@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import http.client
 import ipaddress
-import os
 import socket
 import ssl
 from dataclasses import dataclass
@@ -57,8 +56,10 @@ _METADATA = ipaddress.IPv4Address("169.254.169.254")
 
 
 def private_urls_allowed() -> bool:
-    """True when HEATERS_ALLOW_PRIVATE_URLS is set to a truthy value (1, true, yes, on)."""
-    return os.environ.get(ALLOW_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    """True when HEATERS_ALLOW_PRIVATE_URLS (or heaters.toml's allow_private_urls) is on (1, true, yes, on)."""
+    from heaters_dagster.settings import get_settings
+
+    return get_settings().allow_private_urls
 
 
 def address_problem(address: str | IPAddress) -> str | None:

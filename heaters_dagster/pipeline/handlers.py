@@ -257,3 +257,26 @@ def archive(ctx: Any, item: ItemSnapshot) -> ItemOutput:
 def thumbnail_markdown(jpeg: bytes, alt: str) -> str:
     """Dagster has no image metadata type: a small JPEG embedded in markdown shows in the UI."""
     return f"![{alt}](data:image/jpeg;base64,{base64.b64encode(jpeg).decode('ascii')})"
+
+
+def preview_metadata(entity: str, item_id: int, jpeg: bytes, alt: str) -> dict[str, Any]:
+    """Materialization metadata that shows a sprite in the Dagster UI.
+
+    Dagster 1.13 has no image metadata type, and its UI renders a markdown value inline only where
+    it expands small values (the asset page's latest materialization and events table) and only
+    under 1,000 characters; longer markdown hides behind "[Show Markdown]". So ``preview`` is short
+    markdown: the middle frame served by the review page (HEATERS_REVIEW_URL), linked to the clip
+    there. ``review_page`` is a URL value, a link everywhere (run logs too). ``thumbnail`` embeds
+    the JPEG itself, for when the review page is not running (one click).
+    """
+    import dagster as dg
+
+    from heaters_dagster.settings import get_settings
+
+    md: dict[str, Any] = {"thumbnail": dg.MetadataValue.md(thumbnail_markdown(jpeg, alt))}
+    if entity == "clip":
+        base = get_settings().review_url.rstrip("/")
+        page = f"{base}/clip/{item_id}"
+        md["preview"] = dg.MetadataValue.md(f"[![{alt}]({base}/api/clips/{item_id}/thumbnail)]({page})")
+        md["review_page"] = dg.MetadataValue.url(page)
+    return md

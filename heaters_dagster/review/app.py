@@ -3,13 +3,18 @@
 Routes (JSON unless noted)::
 
     GET  /                              the page (HTML; static files under /static/)
+    GET  /clip/{clip_id}                the page, showing that clip first when it waits for review
+                                        (the Dagster UI's sprite materializations link here)
     GET  /api/next?reviewer=NAME        lease the next clip (token) or preview it read-only (no token);
                                         &exclude=1,2 &prefer=ID optional; includes queue_length and
                                         `prefetch` (the next clips' sprite URLs and layouts)
     GET  /api/sprite/{clip_id}          the clip's sprite sheet (image/jpeg, cacheable; 404 if none)
+    GET  /api/clips/{clip_id}/thumbnail the sprite's middle frame (image/jpeg, cacheable; shown inline
+                                        in the Dagster UI's materialization metadata)
     POST /api/events                    {clip_id, action, payload?, reviewer} -> 201 {id}   (token)
     GET  /api/events/{event_id}         the event's outcome (pending / applied / rejected + reason)
     GET  /api/clips/{clip_id}/neighbours  the live clips of the clip's source (merge/group targets)
+    GET  /api/clips/{clip_id}/similar   similar clips, with the model used (model_id, model_source)
     POST /api/clips/{clip_id}/lease     {reviewer}: renew the reviewer's lease      (token)
     POST /api/clips/{clip_id}/release   {reviewer}: give the clip back to the queue (token)
 
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import io
 import json
 import logging
 import re
@@ -351,7 +357,7 @@ def create_app(database: DatabaseResource, store: ArtifactStore, *, token: str |
                     clip = queue.lease_next(s, reviewer, lease_s=lease_s, exclude_ids=exclude,
                                             prefer_id=prefer)
                 else:  # read-only: show what is next without taking it
-                    peeked = queue.peek_next(s, None, 1, exclude_ids=exclude)
+                    peeked = queue.peek_next(s, None, 1, exclude_ids=exclude, prefer_id=prefer)
                     clip = peeked[0] if peeked else None
                 shown = [clip.id] if clip else []
                 after = queue.peek_next(s, reviewer, prefetch, exclude_ids=exclude + shown)
@@ -464,6 +470,33 @@ def create_app(database: DatabaseResource, store: ArtifactStore, *, token: str |
         return _ok(data) if data else _error(f"clip {clip_id} does not exist", 404)
 
     @endpoint
+    async def thumbnail(request: Request) -> Response:
+        from heaters_dagster.review.similar import middle_tile
+
+        clip_id = parse_id(request.path_params["clip_id"], "clip_id")
+
+        def work() -> tuple[bytes | None, str | None]:
+            with database.session() as s:
+                art = _sprites(s, [clip_id]).get(clip_id)
+                if art is None:
+                    return None, None
+                meta, key, version = art.meta, art.storage_key, _sprite_version(art)
+            try:
+                tile = middle_tile(store.read_bytes(key), meta)
+            except (FileNotFoundError, PermanentError, KeyError, ValueError, OSError):
+                return None, version
+            buf = io.BytesIO()
+            tile.save(buf, "JPEG", quality=85)
+            return buf.getvalue(), version
+
+        data, version = await run_in_threadpool(work)
+        if data is None:
+            raise BadRequest(f"clip {clip_id} has no sprite sheet" if version is None
+                             else f"the sprite sheet of clip {clip_id} is missing from storage", 404)
+        return Response(data, media_type="image/jpeg",
+                        headers={"cache-control": "private, max-age=86400", "etag": f'"{version}-thumb"'})
+
+    @endpoint
     async def similar(request: Request) -> Response:
         from heaters_dagster.errors import HeatersError
         from heaters_dagster.review.similar import similar_clips
@@ -517,8 +550,10 @@ def create_app(database: DatabaseResource, store: ArtifactStore, *, token: str |
 
     routes = [
         Route("/", index, methods=["GET"]),
+        Route("/clip/{clip_id:int}", index, methods=["GET"]),
         Route("/api/next", next_clip, methods=["GET"]),
         Route("/api/sprite/{clip_id}", sprite, methods=["GET"]),
+        Route("/api/clips/{clip_id}/thumbnail", thumbnail, methods=["GET"]),
         Route("/api/events", post_event, methods=["POST"]),
         Route("/api/events/{event_id}", get_event, methods=["GET"]),
         Route("/api/clips/{clip_id}/neighbours", neighbours, methods=["GET"]),

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from heaters_dagster.database.models import REVIEW_ACTIONS, Clip, ReviewEvent
 from heaters_dagster.errors import ClaimConflictError, IllegalTransitionError, PermanentError
-from heaters_dagster.settings import env_float
+from heaters_dagster.settings import get_settings
 from heaters_dagster.state_machine import CLIP_DEAD_STATES, ClipState as C, transition
 
 REVIEWABLE = (C.PENDING_REVIEW, C.REVIEW_SKIPPED)
@@ -27,7 +27,7 @@ MIN_SPLIT_PART_S = 0.5
 
 
 def undo_window_s() -> float:
-    return env_float("HEATERS_UNDO_WINDOW_S", 60.0)
+    return get_settings().undo_window_s
 
 
 class Rejected(Exception):

@@ -99,10 +99,11 @@ def lease_next(session: Session, reviewer: str, *, lease_s: float = DEFAULT_LEAS
 
 
 def peek_next(session: Session, reviewer: str | None, n: int, *, exclude_ids: Iterable[int] = (),
-              now: datetime | None = None) -> list[Clip]:
+              now: datetime | None = None, prefer_id: int | None = None) -> list[Clip]:
     """The next ``n`` reviewable clips in queue order that ``reviewer`` could lease (not leased by
     anyone else), without leasing or locking them. For prefetching sprites, and for the read-only
-    view. ``reviewer=None`` lists only clips nobody holds."""
+    view. ``reviewer=None`` lists only clips nobody holds. ``prefer_id`` comes first when it is
+    one of them."""
     now = _now(now)
     n = max(0, min(int(n), 50))
     if n == 0:
@@ -113,7 +114,12 @@ def peek_next(session: Session, reviewer: str | None, n: int, *, exclude_ids: It
     exclude = _clean_ids(exclude_ids)
     if exclude:
         stmt = stmt.where(Clip.id.not_in(exclude))
-    return list(session.execute(stmt.order_by(*_queue_order(None, now)).limit(n)).scalars())
+    first = (session.execute(stmt.where(Clip.id == int(prefer_id))).scalar_one_or_none()
+             if prefer_id is not None else None)
+    if first is not None:
+        stmt, n = stmt.where(Clip.id != first.id), n - 1
+    rest = list(session.execute(stmt.order_by(*_queue_order(None, now)).limit(n)).scalars()) if n else []
+    return ([first] if first is not None else []) + rest
 
 
 def renew(session: Session, clip_id: int, reviewer: str, *, lease_s: float = DEFAULT_LEASE_S,

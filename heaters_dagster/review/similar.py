@@ -3,7 +3,9 @@
 A clip under review has no embedding yet (only approved clips are embedded), so its vector is
 computed on the fly from the middle tile of its sprite sheet with the embedding stage's model
 (loaded once per process); a clip that already has a stored vector uses that. The neighbours
-come from the same pgvector search as ``heaters search``.
+come from the same pgvector search as ``heaters search``, with the same choice of model: the
+configured one, or the stored embeddings' model when the configured one has none (the answer's
+``model_id``, ``configured_model_id`` and ``model_source`` say which).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from sqlalchemy.orm import Session
 from heaters_dagster.database.models import Clip, ClipArtifact
 from heaters_dagster.errors import PermanentError
 from heaters_dagster.pipeline.handlers import embedding_spec
-from heaters_dagster.search import clip_vector, search_vector
+from heaters_dagster.search import choose_model, clip_vector, search_vector, spec_for_model
 from heaters_dagster.stages import get_stage
 from heaters_dagster.storage import ArtifactStore
 
@@ -41,16 +43,18 @@ def similar_clips(session: Session, store: ArtifactStore, clip_id: int, k: int =
     params = get_stage("embedding").params
     spec = embedding_spec(params)
     strategy = params["strategy"]
+    model = choose_model(session, spec.model_id, strategy, clip_id=clip_id)
     try:
-        vector, basis = clip_vector(session, clip_id, spec.model_id, strategy), "stored embedding"
+        vector, basis = clip_vector(session, clip_id, model.model_id, strategy), "stored embedding"
     except PermanentError:
         sprite = session.execute(select(ClipArtifact).where(ClipArtifact.clip_id == clip_id,
                                                             ClipArtifact.artifact_type == "sprite")).scalar()
         if sprite is None:
             raise PermanentError(f"clip {clip_id} has no sprite sheet yet") from None
         tile = middle_tile(store.read_bytes(sprite.storage_key), sprite.meta)
-        vector, basis = ClipEmbedder.load(spec).embed_images([tile])[0], "middle sprite frame"
-    hits = search_vector(session, vector, model_id=spec.model_id, strategy=strategy, k=k, exclude_clip_id=clip_id)
-    return {"clip_id": clip_id, "model_id": spec.model_id, "basis": basis,
+        embedder = ClipEmbedder.load(spec_for_model(model.model_id, spec))
+        vector, basis = embedder.embed_images([tile])[0], "middle sprite frame"
+    hits = search_vector(session, vector, model_id=model.model_id, strategy=strategy, k=k, exclude_clip_id=clip_id)
+    return {"clip_id": clip_id, **model.to_dict(), "basis": basis,
             "clips": [{"id": h.clip_id, "similarity": round(h.similarity, 4), "source_video_id": h.source_video_id,
                        "start_s": h.start_s, "end_s": h.end_s} for h in hits]}

@@ -20,15 +20,14 @@ They only change rows and files; the stage sensors do the requesting, so nothing
 
 from __future__ import annotations
 
-import os
-
 import dagster as dg
 
 from heaters_dagster import leases
 from heaters_dagster.resources.database import DatabaseResource
 from heaters_dagster.resources.storage import StorageResource
+from heaters_dagster.settings import get_settings
 
-RECOVERY_INTERVAL_S = int(os.environ.get("HEATERS_RECOVERY_INTERVAL_S", "15"))
+RECOVERY_INTERVAL_S = get_settings().recovery_interval_s  # fixed when the code location loads
 
 
 def _describe(recovered: list[leases.Recovered]) -> str:
@@ -81,7 +80,7 @@ def release_canceled_runs(context: dg.RunStatusSensorContext, database: Database
     release_run_items(database, context.dagster_run, f"run {context.dagster_run.run_id} was canceled", context.log)
 
 
-HYGIENE_INTERVAL_S = int(os.environ.get("HEATERS_HYGIENE_INTERVAL_S", "1800"))
+HYGIENE_INTERVAL_S = get_settings().hygiene_interval_s  # fixed when the code location loads
 
 
 def evaluate_store_hygiene(context: dg.SensorEvaluationContext, database: DatabaseResource,

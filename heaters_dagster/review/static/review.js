@@ -245,6 +245,9 @@
       return;
     }
     const d = res.data;
+    if (opts.linked && (!d.clip || d.clip.id !== opts.prefer)) {
+      toast("clip " + opts.prefer + " is not waiting for review (or another reviewer has it)", "info");
+    }
     S.writable = d.writable;
     renderLogin();
     $("queue-length").textContent = String(d.queue_length);
@@ -320,8 +323,14 @@
   async function loadSimilar(clipId) {
     const box = $("similar");
     box.textContent = "";
+    $("similar-model").textContent = "";
     const res = await api_("GET", "/api/clips/" + clipId + "/similar");
     if (!S.clip || S.clip.id !== clipId) return;
+    if (res.status === 200 && res.data.model_id) {
+      // Which model's vectors these are: the stored embeddings' when the configured model has none.
+      $("similar-model").textContent = "model " + res.data.model_id + (res.data.model_source === "stored"
+        ? " (the stored embeddings'; the configured " + res.data.configured_model_id + " has none)" : "");
+    }
     const items = res.status === 200 ? res.data.clips : [];
     if (!items.length) {
       const li = document.createElement("li");
@@ -696,7 +705,9 @@
       }
     });
     requestAnimationFrame(frameLoop);
-    loadNext();
+    // /clip/<id> (the link on a sprite materialization in the Dagster UI): that clip first.
+    const linked = /^\/clip\/(\d+)\/?$/.exec(location.pathname);
+    loadNext(linked ? { prefer: Number(linked[1]), linked: true } : undefined);
   }
 
   if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", boot);
