@@ -107,4 +107,4 @@ def test_video_stage_sensor_watches_videos(db, instance):
     make_video(db, state="spliced")
     r = _tick(sensor, instance, db, None)
     assert [q.partition_key for q in r.run_requests] == [str(v1)]
-    assert instance.get_dynamic_partitions("ingest_videos") == [str(v1)]
+    assert instance.get_dynamic_partitions("videos") == [str(v1)]
