@@ -146,7 +146,7 @@ STAGES: tuple[Stage, ...] = (
         failure_state=V.SPLICING_FAILED,
         handler=f"{_H}:splice",
         description="Detect scenes on a downscaled decode stream and cut one H.264/AAC file per scene; "
-        "clips are inserted as `spliced` and their sprite partitions registered.",
+        "clips are inserted as `spliced` and registered in the shared `clips` partition set.",
         io_manager_key="video_io_manager",
         max_partitions_per_run=4,
         upstream=("ingest",),

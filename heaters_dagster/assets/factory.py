@@ -104,11 +104,38 @@ def check_specs_for(stage: Stage) -> list[dg.AssetCheckSpec]:
                 for name in stage.checks]
 
 
-def evaluate_checks(stage: Stage, executor: Any, ids: list[int], log: Any) -> list[dg.AssetCheckEvaluation]:
+def latest_materializations(instance: dg.DagsterInstance, key: dg.AssetKey,
+                            partitions: list[str]) -> dict[str, Any]:
+    """Each partition's latest materialization, as the target of a check evaluation (two queries).
+    Without a target the UI treats an evaluation as older than the partition's materialization and
+    shows no status for it."""
+    from dagster._core.definitions.asset_checks.asset_check_evaluation import (
+        AssetCheckEvaluationTargetMaterializationData,
+    )
+    from dagster._core.events import DagsterEventType
+
+    ids = instance.get_latest_storage_id_by_partition(key, DagsterEventType.ASSET_MATERIALIZATION, set(partitions))
+    if not ids:
+        return {}
+    records = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=key, storage_ids=list(ids.values())),
+                                              limit=len(ids)).records
+    return {r.partition_key: AssetCheckEvaluationTargetMaterializationData(
+        storage_id=r.storage_id, run_id=r.run_id, timestamp=r.timestamp) for r in records if r.partition_key}
+
+
+def evaluate_checks(stage: Stage, executor: Any, ids: list[int], log: Any,
+                    instance: "dg.DagsterInstance | None" = None) -> list[dg.AssetCheckEvaluation]:
     """Evaluate the stage's checks on the run's partitions: one AssetCheckEvaluation per partition
-    a check applies to. A check that cannot run (database away) is logged and left unevaluated."""
+    a check applies to, targeting that partition's latest materialization. A check that cannot
+    run (database away) is logged and left unevaluated."""
     if not stage.checks or not ids:
         return []
+    key = dg.AssetKey(stage.asset_name)
+    try:
+        targets = latest_materializations(instance, key, [str(i) for i in ids]) if instance is not None else {}
+    except Exception as exc:  # noqa: BLE001 - the evaluations are still worth recording
+        log.warning(f"[{stage.name}] could not look up the latest materializations for the checks: {exc}")
+        targets = {}
     events: list[dg.AssetCheckEvaluation] = []
     failed: dict[str, list[int]] = {}
     for name in stage.checks:
@@ -123,9 +150,10 @@ def evaluate_checks(stage: Stage, executor: Any, ids: list[int], log: Any) -> li
             continue
         for item_id, res in sorted(outcomes.items()):
             events.append(dg.AssetCheckEvaluation(
-                asset_key=dg.AssetKey(stage.asset_name), check_name=name, passed=res.passed,
-                partition=str(item_id), description=res.description, severity=dg.AssetCheckSeverity.ERROR,
-                blocking=False, metadata={k: _metadata_value(v) for k, v in res.metadata.items()},
+                asset_key=key, check_name=name, passed=res.passed, partition=str(item_id),
+                description=res.description, severity=dg.AssetCheckSeverity.ERROR, blocking=False,
+                metadata={k: _metadata_value(v) for k, v in res.metadata.items()},
+                target_materialization_data=targets.get(str(item_id)),
             ))
             if not res.passed:
                 failed.setdefault(name, []).append(item_id)
@@ -161,7 +189,7 @@ def build_stage_asset(stage: Stage) -> dg.AssetsDefinition:
         ids = [int(k) for k in context.partition_keys]
         executor = context.resources.executor
         if key not in context.selected_asset_keys:  # only the checks were selected
-            yield from evaluate_checks(stage, executor, ids, context.log)
+            yield from evaluate_checks(stage, executor, ids, context.log, context.instance)
             return
         work = ids
         if len(ids) > 1:  # a range of the shared partition set may bridge items in other states
@@ -181,7 +209,7 @@ def build_stage_asset(stage: Stage) -> dg.AssetsDefinition:
                 asset_key=key, partition=str(item_id),
                 metadata=item_metadata(stage, item_id, out, report.durations.get(item_id, 0.0)),
             )
-        yield from evaluate_checks(stage, executor, ids, context.log)
+        yield from evaluate_checks(stage, executor, ids, context.log, context.instance)
         summary = report_summary(report)
         clean = not (report.permanent or report.transient or report.held or report.lost or report.unfinished)
         (context.log.info if clean else context.log.warning)(summary)
