@@ -15,6 +15,7 @@ from heaters_dagster.resources.database import DatabaseResource
 from heaters_dagster.resources.executor import StageExecutor
 from heaters_dagster.resources.storage import StorageResource
 from heaters_dagster.sensors.factory import build_stage_sensors
+from heaters_dagster.sensors.partitions import partition_retirement_sensor
 from heaters_dagster.sensors.recovery import RECOVERY_SENSORS
 from heaters_dagster.sensors.review import review_events_sensor
 
@@ -37,7 +38,7 @@ def build_definitions(**resource_overrides: object) -> dg.Definitions:
     return dg.Definitions(
         assets=build_graph_assets(),
         jobs=build_stage_jobs(),
-        sensors=[*build_stage_sensors(), review_events_sensor, *RECOVERY_SENSORS],
+        sensors=[*build_stage_sensors(), review_events_sensor, *RECOVERY_SENSORS, partition_retirement_sensor],
         resources=default_resources(**resource_overrides),  # type: ignore[arg-type]
     )
 

@@ -158,3 +158,36 @@ def test_an_instance_with_the_old_per_stage_partition_sets_still_works(defs, db,
     value = get_and_update_asset_status_cache_value(instance, K("sprite"), CLIPS)
     assert value is not None
     assert instance.get_dynamic_partitions("sprite_clips") == ["1", "2", "3"]  # left alone
+
+
+def test_partition_sets_stay_within_the_limit_by_retiring_finished_clips(db, instance, monkeypatch):
+    from heaters_dagster.sensors.partitions import evaluate_partition_retirement
+    from heaters_dagster.state_machine import transition
+
+    monkeypatch.setenv("HEATERS_MAX_PARTITIONS", "10")
+    vid = make_video(db)
+    states = ["embedded", "archived", "pending_review", "embedded", "archived", "keyframed", "embedding_failed",
+              "embedded", "embedded", "archived", "review_approved", "embedded", "embedded", "spliced"]
+    ids = [make_clips(db, vid, [(i * 24, i * 24 + 24)], state=st)[0] for i, st in enumerate(states)]
+    keys = [str(i) for i in ids]
+    instance.add_dynamic_partitions("clips", keys)
+
+    def sweep():
+        with dg.build_sensor_context(instance=instance, resources={"database": db}) as ctx:
+            result = evaluate_partition_retirement(ctx, db)
+        for req in result.dynamic_partitions_requests:
+            for k in req.partition_keys:
+                instance.delete_dynamic_partition(req.partitions_def_name, k)
+        return result
+
+    sweep()  # 14 keys, limit 10: down to 9, the three archived clips first, then the two oldest embedded
+    left = instance.get_dynamic_partitions("clips")
+    retired = [k for k in keys if k not in left]
+    assert len(left) == 9
+    assert retired == [keys[0], keys[1], keys[3], keys[4], keys[9]]
+    assert not sweep().dynamic_partitions_requests  # within the limit now
+
+    with db.session() as s:  # a retired clip re-queued: its stage sensor registers it again
+        transition(s, "clip", ids[0], "embedded", "keyframed", bump_version=True)
+    PipelineDriver(build_definitions(database_url=db.url), instance).tick(get_stage("embedding"))
+    assert instance.get_dynamic_partitions("clips")[-1] == keys[0]
