@@ -1,16 +1,21 @@
-"""The Dagster code location: assets and sensors built from the stage table, plus resources."""
+"""The Dagster code location: the asset graph and sensors built from the stage table, plus resources.
+
+To add assets of your own downstream of the pipeline (they receive the stage's outputs through its
+IO manager's ``load_input``), merge them in: ``dg.Definitions.merge(build_definitions(),
+dg.Definitions(assets=[my_asset]))``; see the README's "Your own assets downstream"."""
 
 from __future__ import annotations
 
 import dagster as dg
 
-from heaters_dagster.assets.factory import build_stage_assets, build_stage_jobs
+from heaters_dagster.assets.factory import build_graph_assets, build_stage_jobs
 from heaters_dagster.io_managers.artifacts import ArtifactIOManager
 from heaters_dagster.io_managers.embeddings import EmbeddingIOManager
 from heaters_dagster.resources.database import DatabaseResource
 from heaters_dagster.resources.executor import StageExecutor
 from heaters_dagster.resources.storage import StorageResource
 from heaters_dagster.sensors.factory import build_stage_sensors
+from heaters_dagster.sensors.partitions import partition_retirement_sensor
 from heaters_dagster.sensors.recovery import RECOVERY_SENSORS
 from heaters_dagster.sensors.review import review_events_sensor
 
@@ -31,9 +36,9 @@ def default_resources(database_url: str | None = None, storage_url: str | None =
 
 def build_definitions(**resource_overrides: object) -> dg.Definitions:
     return dg.Definitions(
-        assets=build_stage_assets(),
+        assets=build_graph_assets(),
         jobs=build_stage_jobs(),
-        sensors=[*build_stage_sensors(), review_events_sensor, *RECOVERY_SENSORS],
+        sensors=[*build_stage_sensors(), review_events_sensor, *RECOVERY_SENSORS, partition_retirement_sensor],
         resources=default_resources(**resource_overrides),  # type: ignore[arg-type]
     )
 

@@ -59,11 +59,22 @@ class PipelineDriver:
         return InProcessRun(stage.name, [p for p in parts if p], res.success, res.run_id)
 
     def process_review_events(self) -> None:
-        from heaters_dagster.review.events import process_pending_events
-
-        for a in process_pending_events(self.defs.resources["database"]):
-            self.log(f"review event {a.event_id}: {a.action} clip {a.clip_id} -> {a.outcome}"
-                     + (f" ({a.reason})" if a.reason else ""))
+        """Tick the review sensor and store what the daemon would: its asset events (the ``review``
+        materializations) and its partition requests."""
+        sensor = self.defs.resolve_sensor_def("review_events_sensor")
+        with dg.build_sensor_context(instance=self.instance, cursor=self.cursors.get("review_events_sensor"),
+                                     resources={"database": self.defs.resources["database"]},
+                                     definitions=self.defs) as ctx:
+            result = sensor(ctx)
+        assert isinstance(result, dg.SensorResult)
+        for event in result.asset_events or []:
+            self.instance.report_runless_asset_event(event)
+        for req in result.dynamic_partitions_requests or []:
+            if isinstance(req, dg.AddDynamicPartitionsRequest):
+                self.instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
+        self.cursors["review_events_sensor"] = result.cursor
+        for e in result.asset_events or []:
+            self.log(f"review {e.partition}: {e.description}")
 
     def run_until_idle(self, max_rounds: int = 50, stop_at: set[str] | None = None) -> list[InProcessRun]:
         runs: list[InProcessRun] = []

@@ -158,6 +158,10 @@ class Settings(BaseSettings):
     recovery_interval_s: Count = _setting(15, "how often the recovery sensor looks for expired claims", "15")
     hygiene_interval_s: Count = _setting(1800, "how often the store hygiene sensor removes orphan and temp "
                                          "files past their grace and stale scratch folders", "1800")
+    # -- Dagster partitions
+    max_partitions: Count = _setting(100_000, "the most keys the shared `clips` / `videos` partition sets keep "
+                                     "(see \"Scale\")", "100000")
+    partition_sweep_s: Count = _setting(300, "how often the partition retirement sensor looks", "300")
     # -- heaters doctor
     orphan_grace_s: Seconds = _setting(3600.0, "`heaters doctor` and the store hygiene sensor: age before an "
                                        "unreferenced store file or temp file counts", "3600")

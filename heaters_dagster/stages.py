@@ -3,6 +3,12 @@
 Sensors, assets and the generic executor are built from these entries; a stage has no
 boilerplate of its own. Adding a stage is one entry here and one handler function in
 ``heaters_dagster/pipeline/handlers.py`` (which calls a pure media function).
+
+The table is also the asset graph: each entry names its ``upstream`` nodes (stages, or the
+human ``review`` step, which Heaters does not compute). Every video stage is partitioned by the
+one ``videos`` partition set and every clip stage by the one ``clips`` set, so an edge between
+two clip stages maps clip N to clip N (identity); see ``heaters_dagster/assets/graph.py`` for the
+video -> clip edge.
 """
 
 from __future__ import annotations
@@ -31,14 +37,20 @@ class Stage:
     max_partitions_per_run: int = 50  # how many partitions one run covers at most
     max_retries: int = 3  # transient failures: RetryPolicy with exponential backoff and jitter
     retry_delay_s: float = 2.0
-    registers_for: str | None = None  # a stage whose partitions this stage's new clips join
+    upstream: tuple[str, ...] = ()  # graph nodes this stage's asset depends on (stages or "review")
+    registers_new_clips: bool = False  # new clips of this stage join the shared clip partition set
+    # How many partitions that are not this stage's work a run's range may bridge (clips in other
+    # states between two ready ones in the shared clip set). 0: ranges of ready items only.
+    max_gap: int = 0
+    checks: tuple[str, ...] = ()  # asset checks evaluated in every run (heaters_dagster/checks.py)
     ready_sql: str | None = None  # extra SQL readiness condition on the item's row (sensor and claim)
     params: dict[str, Any] = field(default_factory=dict)  # defaults, overridable in the executor config
     kinds: tuple[str, ...] = ("ffmpeg",)
 
     @property
     def partitions_name(self) -> str:
-        return f"{self.name}_{self.entity}s"
+        """The shared dynamic partition set of this stage's entity: ``videos`` or ``clips``."""
+        return partitions_name_for(self.entity)
 
     @property
     def asset_name(self) -> str:
@@ -55,6 +67,39 @@ class Stage:
 
     def run_key(self, item_id: int, version: int) -> str:
         return f"{self.name}:{item_id}:v{version}"
+
+
+def partitions_name_for(entity: str) -> str:
+    return f"{entity}s"
+
+
+@dataclass(frozen=True)
+class HumanStep:
+    """A node of the asset graph that no stage computes: the reviewer's decision on a clip. The
+    review sensor records a materialization of its partition (the clip) for every applied event."""
+
+    name: str
+    entity: str
+    upstream: tuple[str, ...]
+    description: str
+
+    @property
+    def asset_name(self) -> str:
+        return self.name
+
+    @property
+    def partitions_name(self) -> str:
+        return partitions_name_for(self.entity)
+
+
+REVIEW = HumanStep(
+    name="review",
+    entity="clip",
+    upstream=("sprite",),
+    description="The human review of a clip on the review page (approve, skip, archive, split, merge, group, "
+    "undo). Not computed by Dagster: the review sensor records one materialization per clip an applied event "
+    "changed (decision, state, reviewer and event id in its metadata), and an observation per rejected event.",
+)
 
 
 _H = "heaters_dagster.pipeline.handlers"
@@ -91,10 +136,12 @@ STAGES: tuple[Stage, ...] = (
         failure_state=V.SPLICING_FAILED,
         handler=f"{_H}:splice",
         description="Detect scenes on a downscaled decode stream and cut one H.264/AAC file per scene; "
-        "clips are inserted as `spliced` and their sprite partitions registered.",
+        "clips are inserted as `spliced` and registered in the shared `clips` partition set.",
         io_manager_key="video_io_manager",
         max_partitions_per_run=4,
-        registers_for="sprite",
+        upstream=("ingest",),
+        registers_new_clips=True,
+        checks=("clips_tile_video",),
         params={"threshold": None, "min_scene_s": 1.0, "crf": 23, "preset": "veryfast", "audio_bitrate": "128k"},
     ),
     Stage(
@@ -108,6 +155,8 @@ STAGES: tuple[Stage, ...] = (
         description="Render the clip as a JPEG sprite sheet for the review page (layout stored with "
         "the artifact); the clip moves to `pending_review`.",
         max_partitions_per_run=100,
+        upstream=("splice",),
+        checks=("sprite_matches_layout",),
         params={"tile_width": 480, "max_fps": 24.0, "jpeg_qscale": 3},
     ),
     Stage(
@@ -121,6 +170,8 @@ STAGES: tuple[Stage, ...] = (
         description="Extract keyframes of an approved clip (`multi`: 25/50/75 %, or `midpoint`) by seeking, "
         "with exact frame index and time; JPEGs stored as clip artifacts.",
         max_partitions_per_run=100,
+        upstream=("review",),
+        max_gap=100,
         params={"strategy": "multi", "jpeg_quality": 90},
     ),
     Stage(
@@ -136,6 +187,9 @@ STAGES: tuple[Stage, ...] = (
         description="Embed the keyframes of every clip of the run with open_clip in shared batches (model "
         "loaded once per run), L2-normalised, aggregated per strategy and stored in pgvector.",
         max_partitions_per_run=200,
+        upstream=("keyframes",),
+        max_gap=200,
+        checks=("unit_vector",),
         params=embedding_defaults(),
         kinds=("pytorch", "pgvector"),
     ),
@@ -150,8 +204,11 @@ STAGES: tuple[Stage, ...] = (
         description="Once a split's undo window has passed, re-encode the two parts exactly at the frame "
         "boundary from the source video; the parts go to sprite -> review, the original is archived.",
         ready_sql="(pending_op->>'ready_at')::timestamptz <= now()",
-        registers_for="sprite",
+        upstream=("review",),
+        registers_new_clips=True,
+        checks=("cut_tiles_video",),
         max_partitions_per_run=20,
+        max_gap=20,
         params={"crf": 23, "preset": "veryfast", "audio_bitrate": "128k"},
     ),
     Stage(
@@ -165,8 +222,11 @@ STAGES: tuple[Stage, ...] = (
         description="Once a merge's undo window has passed, cut the two adjacent clips' frames as one clip "
         "from the source video; both originals are archived, the new clip goes to sprite -> review.",
         ready_sql="pending_op->>'role' = 'source' AND (pending_op->>'ready_at')::timestamptz <= now()",
-        registers_for="sprite",
+        upstream=("review",),
+        registers_new_clips=True,
+        checks=("cut_tiles_video",),
         max_partitions_per_run=20,
+        max_gap=20,
         params={"crf": 23, "preset": "veryfast", "audio_bitrate": "128k"},
     ),
     Stage(
@@ -179,11 +239,23 @@ STAGES: tuple[Stage, ...] = (
         handler=f"{_H}:archive",
         description="Delete an archived clip's file and every artifact from the store; the rows stay.",
         max_partitions_per_run=200,
+        upstream=("review",),
+        max_gap=200,
         kinds=("storage",),
     ),
 )
 
 STAGES_BY_NAME: dict[str, Stage] = {s.name: s for s in STAGES}
+HUMAN_STEPS: tuple[HumanStep, ...] = (REVIEW,)
+NODES_BY_NAME: dict[str, "Stage | HumanStep"] = {**STAGES_BY_NAME, **{h.name: h for h in HUMAN_STEPS}}
+
+
+def node_entity(name: str) -> str:
+    """The entity (``video``/``clip``) a graph node is partitioned by."""
+    try:
+        return NODES_BY_NAME[name].entity
+    except KeyError:
+        raise KeyError(f"unknown graph node {name!r}; nodes: {', '.join(NODES_BY_NAME)}") from None
 
 
 def get_stage(name: str) -> Stage:

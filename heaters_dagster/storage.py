@@ -248,6 +248,14 @@ class ArtifactStore:
         assert self._fs is not None
         return self._fs.cat_file(self._remote(key))
 
+    def read_head(self, key: str, n: int) -> bytes:
+        """The first ``n`` bytes of a stored file (a header), without fetching the rest."""
+        if self.is_local:
+            with self._local(key).open("rb") as f:
+                return f.read(n)
+        assert self._fs is not None
+        return self._fs.cat_file(self._remote(key), start=0, end=n)
+
     def exists(self, key: str) -> bool:
         if self.is_local:
             return self._local(key).exists()

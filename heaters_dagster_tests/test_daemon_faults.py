@@ -133,6 +133,22 @@ def _assert_clean(dev: Dev, video_id: int, expected_clips: int) -> None:
     assert report.healthy, report.summary()
 
 
+def _assert_graph_recorded(dev: Dev, video_id: int) -> None:
+    """Under the daemon, with Dagster's Postgres storage: the clips joined the shared partition set,
+    and each video's and clip's latest check evaluation passed (per partition)."""
+    clips = [str(r.id) for r in dev.sql("SELECT id FROM clips WHERE source_video_id = :v", v=video_id)]
+    keys = {r.partition for r in dev.dagster_sql(
+        "SELECT partition FROM dynamic_partitions WHERE partitions_def_name = 'clips'")}
+    assert set(clips) <= keys
+    for asset, check, partitions in (("splice", "clips_tile_video", [str(video_id)]),
+                                     ("sprite", "sprite_matches_layout", clips)):
+        rows = dev.dagster_sql(
+            "SELECT DISTINCT ON (partition) partition, execution_status FROM asset_check_executions "
+            "WHERE asset_key = :k AND check_name = :c AND partition = ANY(:p) ORDER BY partition, id DESC",
+            k=f'["{asset}"]', c=check, p=partitions)
+        assert {r.partition: r.execution_status for r in rows} == {p: "SUCCEEDED" for p in partitions}, (asset, rows)
+
+
 def test_sigkill_of_the_step_process_mid_splice(dev, media):
     """The step process dies (OOM killer, kill -9) while it cuts clips: the item must not stay in
     `splicing`; the step's retry takes its run's claim back (or recovery returns it) and it completes."""
@@ -144,6 +160,16 @@ def test_sigkill_of_the_step_process_mid_splice(dev, media):
     os.kill(pid, signal.SIGKILL)
     wait_for(lambda: _done(dev, vid, 7), 240, "the video to be spliced and its clips sprited", dev.proc)
     _assert_clean(dev, vid, 7)
+    wait_for(lambda: _graph_recorded(dev, vid), 60, "the sprite run's check evaluations", dev.proc)
+    _assert_graph_recorded(dev, vid)
+
+
+def _graph_recorded(dev: Dev, video_id: int) -> bool:
+    try:
+        _assert_graph_recorded(dev, video_id)
+    except AssertionError:
+        return False
+    return True
 
 
 def test_sigkill_of_the_run_worker_mid_splice(dev, media):

@@ -107,4 +107,34 @@ def test_video_stage_sensor_watches_videos(db, instance):
     make_video(db, state="spliced")
     r = _tick(sensor, instance, db, None)
     assert [q.partition_key for q in r.run_requests] == [str(v1)]
-    assert instance.get_dynamic_partitions("ingest_videos") == [str(v1)]
+    assert instance.get_dynamic_partitions("videos") == [str(v1)]
+
+
+def test_ready_clips_scattered_in_the_shared_set_share_one_run_bridging_the_others(db, instance):
+    """Approved clips between skipped ones (one shared clip partition set): one keyframes run over
+    the range instead of one run per approved clip; a range never bridges a clip in flight."""
+    keyframes = get_stage("keyframes")
+    vid = make_video(db)
+    ids = [make_clips(db, vid, [(i * 24, i * 24 + 24)], state="review_approved" if i % 2 == 0 else "review_skipped")[0]
+           for i in range(10)]
+    approved = ids[::2]
+    instance.add_dynamic_partitions("clips", [str(i) for i in ids])  # as splice registers them
+    r = _tick(build_stage_sensor(keyframes), instance, db, None)
+    assert [_partitions(q) for q in r.run_requests] == [[str(ids[0]), str(ids[8])]]
+    assert r.run_requests[0].tags["heaters/items"] == "5"
+    strict = _tick(build_stage_sensor(dataclasses.replace(keyframes, max_gap=0)), instance, db, None)
+    assert len(strict.run_requests) == len(approved)  # what exact ranges would cost
+
+    with db.session() as s:  # clip 4 is now being keyframed by another run
+        transition(s, "clip", approved[2], "review_approved", "keyframing")
+    r = _tick(build_stage_sensor(keyframes), instance, db, None)
+    assert [_partitions(q) for q in r.run_requests] == [[str(approved[0]), str(approved[1])],
+                                                        [str(approved[3]), str(approved[4])]]
+
+
+def test_bridging_is_bounded_by_max_gap():
+    order = [str(i) for i in range(1, 21)]
+    assert contiguous_chunks(order, ["1", "5", "9"], 10, max_gap=6) == [["1", "5", "9"]]
+    assert contiguous_chunks(order, ["1", "5", "9"], 10, max_gap=5) == [["1", "5"], ["9"]]
+    assert contiguous_chunks(order, ["1", "2", "3"], 2, max_gap=10) == [["1", "2"], ["3"]]
+    assert contiguous_chunks(order, ["1", "3", "5"], 10, max_gap=10, barriers=["4"]) == [["1", "3"], ["5"]]

@@ -1,11 +1,16 @@
 """Build one partitioned asset per stage from the stage table.
 
 Each asset is a thin call into the generic executor. A run may cover many partitions (a range of
-the stage's dynamic partitions: the sensors request ranges, the UI can backfill ranges); every
-item that succeeds gets its own materialization with its own metadata, an item that fails gets
-none. Transient failures make the step raise after the others are saved, so the asset's
+the shared ``clips`` or ``videos`` partition set: the sensors request ranges, the UI can backfill
+ranges); every item that succeeds gets its own materialization with its own metadata, an item that
+fails gets none. Transient failures make the step raise after the others are saved, so the asset's
 RetryPolicy (exponential backoff, jitter) retries just those; permanent failures fail the run
 without retry, after every other item of the run has been processed.
+
+Each asset declares its upstream nodes from the stage table (``assets/graph.py`` has the partition
+mappings) and its asset checks (``heaters_dagster/checks.py``), evaluated per partition at the end of
+every run. A run that selects only an asset's checks (the UI's "Execute" on a check) evaluates them
+and does no stage work.
 """
 
 
@@ -15,19 +20,17 @@ import warnings
 
 import dagster as dg
 
+from heaters_dagster.assets.graph import CLIPS, asset_deps, build_human_step_asset, partitions_def_for
+from heaters_dagster.checks import CheckEnv, get_check
 from heaters_dagster.pipeline.handlers import preview_metadata
 from heaters_dagster.pipeline.outputs import BatchReport, ItemOutput
-from heaters_dagster.stages import STAGES, Stage, get_stage
+from heaters_dagster.stages import HUMAN_STEPS, STAGES, Stage, get_stage
 
 warnings.filterwarnings("ignore", category=dg.BetaWarning)  # backfill_policy is beta in 1.13
 
 
 class TransientStageError(Exception):
     """Raised at the end of a run in which some items hit a transient error (RetryPolicy retries)."""
-
-
-def partitions_def_for(stage: Stage) -> dg.DynamicPartitionsDefinition:
-    return dg.DynamicPartitionsDefinition(name=stage.partitions_name)
 
 
 def _metadata_value(value: Any) -> Any:
@@ -91,40 +94,122 @@ def _takeback_run_ids(context: dg.AssetExecutionContext) -> tuple[str, ...]:
     return tuple(r for r in (run.parent_run_id, run.root_run_id) if r)
 
 
+def check_specs_for(stage: Stage) -> list[dg.AssetCheckSpec]:
+    """One partitioned check spec per stage check (a preview feature of Dagster 1.13: the UI shows
+    each partition's latest evaluation)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dg.PreviewWarning)
+        return [dg.AssetCheckSpec(name, asset=stage.asset_name, description=get_check(name).description,
+                                  partitions_def=partitions_def_for(stage), blocking=False)
+                for name in stage.checks]
+
+
+def latest_materializations(instance: dg.DagsterInstance, key: dg.AssetKey,
+                            partitions: list[str]) -> dict[str, Any]:
+    """Each partition's latest materialization, as the target of a check evaluation (two queries).
+    Without a target the UI treats an evaluation as older than the partition's materialization and
+    shows no status for it."""
+    from dagster._core.definitions.asset_checks.asset_check_evaluation import (
+        AssetCheckEvaluationTargetMaterializationData,
+    )
+    from dagster._core.events import DagsterEventType
+
+    ids = instance.get_latest_storage_id_by_partition(key, DagsterEventType.ASSET_MATERIALIZATION, set(partitions))
+    if not ids:
+        return {}
+    records = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=key, storage_ids=list(ids.values())),
+                                              limit=len(ids)).records
+    return {r.partition_key: AssetCheckEvaluationTargetMaterializationData(
+        storage_id=r.storage_id, run_id=r.run_id, timestamp=r.timestamp) for r in records if r.partition_key}
+
+
+def evaluate_checks(stage: Stage, executor: Any, ids: list[int], log: Any,
+                    instance: "dg.DagsterInstance | None" = None) -> list[dg.AssetCheckEvaluation]:
+    """Evaluate the stage's checks on the run's partitions: one AssetCheckEvaluation per partition
+    a check applies to, targeting that partition's latest materialization. A check that cannot
+    run (database away) is logged and left unevaluated."""
+    if not stage.checks or not ids:
+        return []
+    key = dg.AssetKey(stage.asset_name)
+    try:
+        targets = latest_materializations(instance, key, [str(i) for i in ids]) if instance is not None else {}
+    except Exception as exc:  # noqa: BLE001 - the evaluations are still worth recording
+        log.warning(f"[{stage.name}] could not look up the latest materializations for the checks: {exc}")
+        targets = {}
+    events: list[dg.AssetCheckEvaluation] = []
+    failed: dict[str, list[int]] = {}
+    for name in stage.checks:
+        check = get_check(name)
+        try:
+            with executor.database.session() as session:
+                env = CheckEnv(session=session, store=executor.storage.store, params=executor.params_for(stage),
+                               splice_params=executor.params_for(get_stage("splice")))
+                outcomes = check.evaluate(env, ids)
+        except Exception as exc:  # noqa: BLE001 - checks report; they never fail the stage's work
+            log.warning(f"[{stage.name}] check {name} could not be evaluated: {type(exc).__name__}: {exc}")
+            continue
+        for item_id, res in sorted(outcomes.items()):
+            events.append(dg.AssetCheckEvaluation(
+                asset_key=key, check_name=name, passed=res.passed, partition=str(item_id),
+                description=res.description, severity=dg.AssetCheckSeverity.ERROR, blocking=False,
+                metadata={k: _metadata_value(v) for k, v in res.metadata.items()},
+                target_materialization_data=targets.get(str(item_id)),
+            ))
+            if not res.passed:
+                failed.setdefault(name, []).append(item_id)
+    for name, bad in failed.items():
+        log.warning(f"[{stage.name}] check {name} failed for {stage.entity}s {', '.join(map(str, bad))}")
+    return events
+
+
 def build_stage_asset(stage: Stage) -> dg.AssetsDefinition:
-    @dg.asset(
+    key = dg.AssetKey(stage.asset_name)
+
+    @dg.multi_asset(
         name=stage.asset_name,
+        outs={stage.asset_name: dg.AssetOut(
+            key=key, description=stage.description, io_manager_key=stage.io_manager_key, is_required=False,
+            group_name="pipeline", kinds=set(stage.kinds),
+            metadata={"entity": stage.entity, "input_states": ", ".join(stage.input_states),
+                      "in_progress_state": stage.in_progress_state, "output_state": stage.output_state,
+                      "failure_state": stage.failure_state,
+                      "upstream": ", ".join(stage.upstream) or "none"},
+        )},
+        deps=asset_deps(stage),
         partitions_def=partitions_def_for(stage),
-        group_name="pipeline",
-        description=stage.description,
+        check_specs=check_specs_for(stage),
+        can_subset=True,  # its checks can run without the stage's work
         required_resource_keys={"executor", stage.io_manager_key},
-        io_manager_key=stage.io_manager_key,
-        output_required=False,
         retry_policy=dg.RetryPolicy(max_retries=stage.max_retries, delay=stage.retry_delay_s,
                                     backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS),
         backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=stage.max_partitions_per_run),
-        kinds=set(stage.kinds),
         pool=FFMPEG_POOL if "ffmpeg" in stage.kinds else None,
-        metadata={"entity": stage.entity, "input_states": ", ".join(stage.input_states),
-                  "in_progress_state": stage.in_progress_state, "output_state": stage.output_state,
-                  "failure_state": stage.failure_state},
     )
     def _stage_asset(context: dg.AssetExecutionContext) -> Iterator[Any]:
         ids = [int(k) for k in context.partition_keys]
-        report = context.resources.executor.execute(
-            stage, ids, getattr(context.resources, stage.io_manager_key), log=context.log,
+        executor = context.resources.executor
+        if key not in context.selected_asset_keys:  # only the checks were selected
+            yield from evaluate_checks(stage, executor, ids, context.log, context.instance)
+            return
+        work = ids
+        if len(ids) > 1:  # a range of the shared partition set may bridge items in other states
+            work, others = executor.stage_work(stage, ids)
+            if others:
+                context.log.info(f"[{stage.name}] {len(work)} of the range's {len(ids)} partitions are this "
+                                 f"stage's work; {len(others)} {stage.entity}s in other states left alone")
+        report = executor.execute(
+            stage, work, getattr(context.resources, stage.io_manager_key), log=context.log,
             attempt=context.retry_number, run_id=context.run_id, step_key=context.op_execution_context.op_handle.name,
             takeback_run_ids=_takeback_run_ids(context),
         )
-        if stage.registers_for and report.new_clip_ids:
-            context.instance.add_dynamic_partitions(
-                get_stage(stage.registers_for).partitions_name, [str(i) for i in report.new_clip_ids]
-            )
+        if stage.registers_new_clips and report.new_clip_ids:
+            context.instance.add_dynamic_partitions(CLIPS.name, [str(i) for i in report.new_clip_ids])
         for item_id, out in report.succeeded.items():
             yield dg.AssetMaterialization(
-                asset_key=context.asset_key, partition=str(item_id),
+                asset_key=key, partition=str(item_id),
                 metadata=item_metadata(stage, item_id, out, report.durations.get(item_id, 0.0)),
             )
+        yield from evaluate_checks(stage, executor, ids, context.log, context.instance)
         summary = report_summary(report)
         clean = not (report.permanent or report.transient or report.held or report.lost or report.unfinished)
         (context.log.info if clean else context.log.warning)(summary)
@@ -146,6 +231,11 @@ def build_stage_asset(stage: Stage) -> dg.AssetsDefinition:
 
 def build_stage_assets(stages: tuple[Stage, ...] = STAGES) -> list[dg.AssetsDefinition]:
     return [build_stage_asset(s) for s in stages]
+
+
+def build_graph_assets(stages: tuple[Stage, ...] = STAGES) -> list["dg.AssetsDefinition | dg.AssetSpec"]:
+    """Every node of the graph: the stage assets and the human review step."""
+    return [*build_stage_assets(stages), *(build_human_step_asset(h) for h in HUMAN_STEPS)]
 
 
 def job_name(stage: Stage) -> str:

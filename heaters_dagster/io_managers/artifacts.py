@@ -9,13 +9,13 @@ from sqlalchemy import func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
-from heaters_dagster.database.models import Clip, ClipArtifact
+from heaters_dagster.database.models import Clip, ClipArtifact, SourceVideo
 from heaters_dagster.pipeline.items import MODELS
 from heaters_dagster.pipeline.outputs import FileToStore, ItemOutput, ItemSnapshot
 from heaters_dagster.resources.database import DatabaseResource
 from heaters_dagster.resources.executor import PersistOutcome
 from heaters_dagster.resources.storage import StorageResource
-from heaters_dagster.stages import Stage
+from heaters_dagster.stages import STAGES_BY_NAME, Stage
 from heaters_dagster.state_machine import transition
 from heaters_dagster.storage import ArtifactStore
 
@@ -68,11 +68,30 @@ def persist_files_and_rows(session: Session, item: ItemSnapshot, output: ItemOut
     return PersistOutcome(new_clip_ids=new_ids, stored_keys=stored)
 
 
+# What a downstream asset receives per upstream stage (other clip stages: all the clip's artifacts).
+ARTIFACT_TYPES = {"sprite": ("sprite",), "keyframes": ("keyframe",)}
+
+
+def input_partition_ids(context: dg.InputContext) -> list[int]:
+    """The upstream partitions (item ids) a downstream step reads: its own keys mapped through the
+    edge's partition mapping (identity for an asset partitioned by ``clips``)."""
+    return [int(k) for k in context.asset_partition_keys] if context.has_asset_partitions else []
+
+
 class ArtifactIOManager(dg.ConfigurableIOManager):
     """Stores clip files, sprites and keyframes (local folder or S3) with their database rows.
 
-    ``load_input`` returns, for each upstream partition (clip id), its stored artifacts as dicts
-    with ``storage_key``, ``uri`` and ``metadata``."""
+    ``load_input`` gives an asset downstream of a stage that stage's stored output for each of
+    the upstream partitions it reads:
+
+    * after a clip stage, ``{clip_id: [artifact, ...]}``; an artifact is a dict with
+      ``artifact_type``, ``strategy``, ``tag``, ``storage_key``, ``uri`` (a local path or URL) and
+      ``metadata`` (the sprite layout, a keyframe's frame index and time, ...). ``sprite`` gives the
+      sprite sheet, ``keyframes`` the keyframes; a clip with none has an empty list;
+    * after a video stage (``ingest``, ``splice``), ``{video_id: {...}}`` with the normalised file
+      (``normalized_key``, ``uri``) and its ``fps``, ``frame_count``, ``width``, ``height``,
+      ``duration_s`` and ``state``; a video with no normalised file yet has ``uri`` None.
+    """
 
     database: DatabaseResource
     storage: StorageResource
@@ -87,11 +106,30 @@ class ArtifactIOManager(dg.ConfigurableIOManager):
         if obj is not None:
             raise TypeError("ArtifactIOManager persists through the stage executor, not handle_output")
 
-    def load_input(self, context: dg.InputContext) -> dict[int, list[dict[str, Any]]]:
-        ids = [int(k) for k in context.asset_partition_keys] if context.has_asset_partitions else []
+    def load_input(self, context: dg.InputContext) -> dict[int, Any]:
+        ids = input_partition_ids(context)
+        upstream = context.asset_key.path[-1] if context.has_asset_key else ""
+        stage = STAGES_BY_NAME.get(upstream)
+        if stage is not None and stage.entity == "video":
+            return self._load_videos(ids)
+        return self._load_clip_artifacts(ids, ARTIFACT_TYPES.get(upstream))
+
+    def _load_videos(self, ids: list[int]) -> dict[int, Any]:
         store = self.storage.store
         with self.database.session() as session:
-            rows = session.execute(select(ClipArtifact).where(ClipArtifact.clip_id.in_(ids))).scalars().all()
+            rows = session.execute(select(SourceVideo).where(SourceVideo.id.in_(ids))).scalars().all()
+        return {r.id: {"normalized_key": r.normalized_key, "uri": store.uri(r.normalized_key) if r.normalized_key
+                       else None, "fps": r.fps, "frame_count": r.frame_count, "width": r.width, "height": r.height,
+                       "duration_s": r.duration_s, "state": r.state, "title": r.title}
+                for r in rows}
+
+    def _load_clip_artifacts(self, ids: list[int], types: "tuple[str, ...] | None") -> dict[int, Any]:
+        store = self.storage.store
+        query = select(ClipArtifact).where(ClipArtifact.clip_id.in_(ids))
+        if types:
+            query = query.where(ClipArtifact.artifact_type.in_(types))
+        with self.database.session() as session:
+            rows = session.execute(query.order_by(ClipArtifact.clip_id, ClipArtifact.id)).scalars().all()
         out: dict[int, list[dict[str, Any]]] = {i: [] for i in ids}
         for r in rows:
             out[r.clip_id].append({"artifact_type": r.artifact_type, "strategy": r.strategy, "tag": r.tag,

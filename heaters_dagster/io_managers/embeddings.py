@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from typing import Any
+from typing import Any, Optional
 
 import dagster as dg
 import numpy as np
@@ -67,10 +67,18 @@ def upsert_embedding(session: Session, clip_id: int, model_id: str, strategy: st
 
 
 class EmbeddingIOManager(dg.ConfigurableIOManager):
-    """Stores CLIP vectors in pgvector; ``load_input`` returns {clip_id: vector} for the partitions."""
+    """Stores CLIP vectors in pgvector.
+
+    ``load_input`` gives an asset downstream of ``embedding`` ``{clip_id: vector}`` (float32 numpy
+    arrays, L2-normalised) for the upstream partitions it reads; a clip with no vector is absent.
+    A clip may have vectors of several models or strategies: the input's metadata
+    (``dg.AssetIn(metadata={"model_id": ..., "strategy": ...})``) or this IO manager's ``model_id`` /
+    ``strategy`` choose them; with neither, the newest vector of each clip is returned."""
 
     database: DatabaseResource
     storage: StorageResource
+    model_id: Optional[str] = None
+    strategy: Optional[str] = None
 
     def persist(self, session: Session, stage: Stage, item: ItemSnapshot, output: ItemOutput,
                 store: ArtifactStore) -> PersistOutcome:
@@ -86,6 +94,23 @@ class EmbeddingIOManager(dg.ConfigurableIOManager):
 
     def load_input(self, context: dg.InputContext) -> dict[int, np.ndarray]:
         ids = [int(k) for k in context.asset_partition_keys] if context.has_asset_partitions else []
-        with self.database.session() as s:
-            rows = s.execute(select(Embedding.clip_id, Embedding.embedding).where(Embedding.clip_id.in_(ids))).all()
-        return {r.clip_id: np.asarray(r.embedding, dtype=np.float32) for r in rows}
+        meta = dict(context.definition_metadata or {})
+        model_id = meta.get("model_id") or self.model_id
+        strategy = meta.get("strategy") or self.strategy
+        return load_vectors(self.database, ids, model_id=model_id, strategy=strategy)
+
+
+def load_vectors(database: DatabaseResource, ids: list[int], *, model_id: str | None = None,
+                 strategy: str | None = None) -> dict[int, np.ndarray]:
+    """``{clip_id: vector}``: of ``model_id``/``strategy`` when given, else each clip's newest."""
+    query = select(Embedding.clip_id, Embedding.embedding).where(Embedding.clip_id.in_(ids))
+    if model_id:
+        query = query.where(Embedding.model_id == model_id)
+    if strategy:
+        query = query.where(Embedding.strategy == strategy)
+    query = query.order_by(Embedding.clip_id, Embedding.updated_at.desc(), Embedding.id.desc())
+    out: dict[int, np.ndarray] = {}
+    with database.session() as s:
+        for r in s.execute(query).all():
+            out.setdefault(r.clip_id, np.asarray(r.embedding, dtype=np.float32))
+    return out

@@ -201,6 +201,23 @@ class StageExecutor(dg.ConfigurableResource):
             log.error(f"[{stage.name}] could not release {todo} after interruption ({db_exc}); "
                       f"their leases expire and the recovery sensor returns them")
 
+    def stage_work(self, stage: Stage, item_ids: list[int]) -> tuple[list[int], list[int]]:
+        """Split a run's partitions into this stage's work (in an input or the in-progress state,
+        or unknown) and the others (a range bridging clips in other states of the shared clip
+        partition set): one query, so a wide range costs no claim attempt per foreign clip."""
+        if not item_ids:
+            return [], []
+        from sqlalchemy import bindparam
+
+        with self.database.session() as session:
+            rows = session.execute(text(
+                f"SELECT id, state FROM {leases.TABLES[stage.entity]} WHERE id IN :ids"
+            ).bindparams(bindparam("ids", expanding=True)), {"ids": list(item_ids)}).all()
+        mine = {*stage.input_states, stage.in_progress_state}
+        state = {int(r.id): r.state for r in rows}
+        work = [i for i in item_ids if i not in state or state[i] in mine]
+        return work, [i for i in item_ids if i in state and state[i] not in mine]
+
     # ------------------------------------------------------------------------------------------
     def _claim(self, stage: Stage, item_ids: list[int], who: leases.Claimant, report: BatchReport,
                log: Any) -> list[int]:
@@ -261,6 +278,12 @@ class StageExecutor(dg.ConfigurableResource):
             self._fail(stage, item, exc, report, lock, log, attempt >= stage.max_retries, attempt, run_id, started,
                        owner)
             return
+        # Lineage in the materialization's metadata: a clip's source video (the video -> clip edge
+        # has no partition mapping), a video's or split/merge's new clips.
+        if item.kind == "clip" and item.row.get("source_video_id") is not None:
+            output.metadata.setdefault("source_video_id", int(item.row["source_video_id"]))
+        if outcome.new_clip_ids:
+            output.metadata.setdefault("new_clip_ids", ", ".join(str(i) for i in outcome.new_clip_ids))
         with lock:
             report.succeeded[item.id] = output
             report.new_clip_ids.extend(outcome.new_clip_ids)

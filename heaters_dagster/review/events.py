@@ -67,12 +67,27 @@ def record_event(session: Session, clip_id: int, action: str, payload: Any = Non
 
 # -- applying ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
+class ClipChange:
+    """One clip an applied event changed: its state before and after (equal for a re-skip or a
+    group of an approved clip)."""
+
+    clip_id: int
+    before: str
+    after: str
+    group_id: int | None = None
+
+
+@dataclass(frozen=True)
 class Applied:
     event_id: int
     clip_id: int
     action: str
     outcome: str
     reason: str | None
+    reviewer: str = ""
+    payload: dict[str, Any] | None = None
+    changes: tuple[ClipChange, ...] = ()  # every clip the event changed (none when rejected)
+    undid_event_id: int | None = None
 
 
 def _lock_clip(session: Session, clip_id: int) -> Clip:
@@ -118,7 +133,7 @@ def _apply(session: Session, ev: ReviewEvent, now: datetime) -> dict[str, Any]:
     action = ev.action
     if action == "undo":
         _undo(session, ev, clip, now)
-        return info
+        return info  # an undo is not itself undoable
     _check_alive(clip)
     reviewed = {"reviewed_at": now}
     if action == "approve":
@@ -197,7 +212,7 @@ def _apply(session: Session, ev: ReviewEvent, now: datetime) -> dict[str, Any]:
     return info
 
 
-def _undo(session: Session, ev: ReviewEvent, clip: Clip, now: datetime) -> None:
+def _undo(session: Session, ev: ReviewEvent, clip: Clip, now: datetime) -> ReviewEvent:
     target = session.execute(
         select(ReviewEvent)
         .where(ReviewEvent.outcome == "applied", ReviewEvent.undone_by.is_(None), ReviewEvent.action != "undo",
@@ -229,6 +244,7 @@ def _undo(session: Session, ev: ReviewEvent, clip: Clip, now: datetime) -> None:
             c.group_id = values["group_id"]
             c.pending_op = values["pending_op"]
     target.undone_by = ev.id
+    return target
 
 
 def apply_event(session: Session, event_id: int, now: datetime | None = None) -> Applied | None:
@@ -241,8 +257,18 @@ def apply_event(session: Session, event_id: int, now: datetime | None = None) ->
     if ev is None:
         return None
     savepoint = session.begin_nested()
+    changes: tuple[ClipChange, ...] = ()
+    undid: int | None = None
     try:
         ev.undo_info = _apply(session, ev, now)
+        if ev.action == "undo":
+            target = session.execute(select(ReviewEvent).where(ReviewEvent.undone_by == ev.id)).scalar_one()
+            undid = target.id
+            changes = tuple(ClipChange(int(cid), e["after"], e["before"], e.get("group_id"))
+                            for cid, e in (target.undo_info or {}).items())
+        else:
+            changes = tuple(ClipChange(int(cid), e["before"], e["after"], session.get(Clip, int(cid)).group_id)
+                            for cid, e in (ev.undo_info or {}).items())
         savepoint.commit()
         ev.outcome, ev.reason = "applied", None
     except Rejected as exc:
@@ -250,9 +276,11 @@ def apply_event(session: Session, event_id: int, now: datetime | None = None) ->
         ev = session.get(ReviewEvent, event_id)
         assert ev is not None
         ev.outcome, ev.reason = "rejected", str(exc)
+        changes, undid = (), None
     ev.processed_at = now
     session.flush()
-    return Applied(ev.id, ev.clip_id, ev.action, ev.outcome or "", ev.reason)
+    return Applied(ev.id, ev.clip_id, ev.action, ev.outcome or "", ev.reason, reviewer=ev.reviewer or "",
+                   payload=dict(ev.payload or {}), changes=changes, undid_event_id=undid)
 
 
 def process_pending_events(database: Any, *, after_id: int = 0, limit: int = 1000,

@@ -1,8 +1,15 @@
 """One sensor per stage, built from the stage table.
 
-Each tick reads the items in the stage's input state (and those in flight), registers their
-dynamic partitions, and requests runs over *ranges* of those partitions (at most
-``max_partitions_per_run`` each), so a run's cost per clip is the media work, not the launch.
+Each tick reads the items in the stage's input state (and those in flight), registers the ones
+not yet known in the shared partition set of their entity (``clips`` or ``videos``), and requests
+runs over *ranges* of those partitions (at most ``max_partitions_per_run`` ready items each), so a
+run's cost per clip is the media work, not the launch.
+
+All clip stages share one partition set, so a stage's ready clips need not be contiguous in it
+(the approved clips that keyframes waits for sit between skipped and archived ones). A Dagster run
+covers one contiguous range, so a range may *bridge* up to ``Stage.max_gap`` partitions that are
+not the stage's work; the asset leaves those alone with one query (they show as part of the run in
+the UI). ``max_gap=0`` requests ranges of ready items only.
 
 Nothing is requested twice: the cursor remembers ``id -> version`` for every item requested and
 not yet finished; an item is requested again only when its version changes (a deliberate
@@ -11,10 +18,11 @@ launch the same work twice.
 """
 
 
+import bisect
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import dagster as dg
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
@@ -44,17 +52,25 @@ class StageCursor:
         return json.dumps({"requested": self.requested}, sort_keys=True)
 
 
-def contiguous_chunks(keys_in_order: Sequence[str], wanted: Sequence[str], max_len: int) -> list[list[str]]:
-    """Group ``wanted`` keys into runs that are contiguous in ``keys_in_order`` (the partition
-    order), each at most ``max_len`` long. A range run covers exactly its chunk's keys."""
+def contiguous_chunks(keys_in_order: Sequence[str], wanted: Sequence[str], max_len: int,
+                      max_gap: int = 0, barriers: Iterable[str] = ()) -> list[list[str]]:
+    """Group ``wanted`` keys into runs over ranges of ``keys_in_order`` (the partition order), each
+    with at most ``max_len`` wanted keys and at most ``max_gap`` other keys inside its range. No
+    range bridges a key of ``barriers`` (the stage's items already requested or in flight: another
+    run's work). A range run covers its chunk's first to last key."""
     pos = {k: i for i, k in enumerate(keys_in_order)}
     ordered = sorted(wanted, key=lambda k: pos[k])
+    walls = sorted(pos[b] for b in barriers if b in pos)
     chunks: list[list[str]] = []
     for k in ordered:
-        if chunks and pos[k] == pos[chunks[-1][-1]] + 1 and len(chunks[-1]) < max_len:
-            chunks[-1].append(k)
-        else:
-            chunks.append([k])
+        if chunks and len(chunks[-1]) < max_len:
+            c = chunks[-1]
+            others = (pos[k] - pos[c[0]] + 1) - (len(c) + 1)  # keys in the range that are not wanted
+            blocked = bisect.bisect_right(walls, pos[c[-1]]) < bisect.bisect_left(walls, pos[k])
+            if others <= max_gap and not blocked:
+                c.append(k)
+                continue
+        chunks.append([k])
     return chunks
 
 
@@ -90,7 +106,9 @@ def evaluate_stage_sensor(context: Any, stage: Stage, database: DatabaseResource
     known = set(existing)
     new_keys = [k for k in sorted(ready, key=int) if k not in known]
     order = list(existing) + new_keys
-    chunks = contiguous_chunks(order, list(ready), stage.max_partitions_per_run)[:MAX_RUNS_PER_TICK]
+    busy = live - set(ready)  # requested and not started, or in flight: another run's work
+    chunks = contiguous_chunks(order, list(ready), stage.max_partitions_per_run, stage.max_gap,
+                               barriers=busy)[:MAX_RUNS_PER_TICK]
     requests = [run_request_for(stage, chunk, ready) for chunk in chunks]
     for chunk in chunks:
         for k in chunk:
@@ -110,7 +128,8 @@ def build_stage_sensor(stage: Stage, *, minimum_interval_seconds: int = 5) -> dg
         minimum_interval_seconds=minimum_interval_seconds,
         default_status=dg.DefaultSensorStatus.RUNNING,
         description=f"Requests `{stage.name}` runs for {stage.entity}s in state "
-        f"{' / '.join(stage.input_states)} (ranges of at most {stage.max_partitions_per_run} partitions).",
+        f"{' / '.join(stage.input_states)} (ranges of at most {stage.max_partitions_per_run} of them"
+        + (f", bridging at most {stage.max_gap} other {stage.entity}s" if stage.max_gap else "") + ").",
     )
     def _stage_sensor(context: dg.SensorEvaluationContext, database: DatabaseResource) -> dg.SensorResult:
         return evaluate_stage_sensor(context, stage, database)
