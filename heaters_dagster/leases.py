@@ -81,26 +81,32 @@ def _table(kind: str) -> str:
     return TABLES[kind]
 
 
-def claim(session: Session, stage: Any, item_id: int, who: Claimant, *, lease_s: float | None = None) -> str | None:
+def claim(session: Session, stage: Any, item_id: int, who: Claimant, *, lease_s: float | None = None,
+          rewind_from: Sequence[str] = ()) -> str | None:
     """Claim one item for ``stage``: from an input state (ready), or back from a claim of one of
-    ``who.takeback_run_ids``. Returns the state it was claimed from, or None when not claimable."""
+    ``who.takeback_run_ids``, or (a run a person launched) from one of ``rewind_from``, the states
+    past the stage it may be taken back from. Returns the state it was claimed from, or None when
+    not claimable."""
     lease = lease_s if lease_s is not None else lease_seconds()
     ready = f"({stage.ready_sql})" if stage.ready_sql else "true"
     sql = text(f"""
         UPDATE {_table(stage.entity)} AS t SET
             state = :in_progress, claim_owner = :owner, claim_run_id = :run_id, claimed_at = now(),
+            version = CASE WHEN t.state IN :rewind THEN t.version + 1 ELSE t.version END,
             claim_expires_at = now() + make_interval(secs => :lease), updated_at = now()
         FROM (SELECT state AS old_state FROM {_table(stage.entity)} WHERE id = :id FOR UPDATE) AS old
         WHERE t.id = :id AND (
             (t.state IN :inputs AND {ready})
             OR (t.state = :in_progress AND t.claim_run_id IN :takeback)
+            OR t.state IN :rewind
         )
         RETURNING old.old_state
-    """).bindparams(bindparam("inputs", expanding=True), bindparam("takeback", expanding=True))
+    """).bindparams(bindparam("inputs", expanding=True), bindparam("takeback", expanding=True),
+                    bindparam("rewind", expanding=True))
     row = session.execute(sql, {
         "in_progress": stage.in_progress_state, "owner": who.owner, "run_id": who.run_id, "lease": lease,
         "id": item_id, "inputs": list(stage.input_states),
-        "takeback": list(who.takeback_run_ids) or [""],
+        "takeback": list(who.takeback_run_ids) or [""], "rewind": list(rewind_from) or [""],
     }).first()
     return None if row is None else row[0]
 

@@ -44,6 +44,10 @@ class Stage:
     max_gap: int = 0
     checks: tuple[str, ...] = ()  # asset checks evaluated in every run (heaters_dagster/checks.py)
     ready_sql: str | None = None  # extra SQL readiness condition on the item's row (sensor and claim)
+    # States past this stage from which a run launched by a person (the UI, a backfill) may take an
+    # item back through this stage: re-render a sprite, re-extract keyframes, re-embed. The item's
+    # failure state always qualifies (a retry). Runs requested by the stage sensors never rewind.
+    rerun_from: tuple[str, ...] = ()
     params: dict[str, Any] = field(default_factory=dict)  # defaults, overridable in the executor config
     kinds: tuple[str, ...] = ("ffmpeg",)
 
@@ -146,6 +150,7 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         name="sprite",
+        rerun_from=(C.PENDING_REVIEW,),
         entity="clip",
         input_states=(C.SPLICED,),
         in_progress_state=C.GENERATING_SPRITE,
@@ -161,6 +166,7 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         name="keyframes",
+        rerun_from=(C.KEYFRAMED, C.EMBEDDED),
         entity="clip",
         input_states=(C.REVIEW_APPROVED,),
         in_progress_state=C.KEYFRAMING,
@@ -176,6 +182,7 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         name="embedding",
+        rerun_from=(C.EMBEDDED,),
         entity="clip",
         input_states=(C.KEYFRAMED,),
         in_progress_state=C.EMBEDDING,

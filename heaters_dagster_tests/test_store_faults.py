@@ -161,7 +161,7 @@ def _run(defs, instance, clip_id: int):
     asset = build_stage_asset(FAULT_STAGE)
     instance.add_dynamic_partitions(FAULT_STAGE.partitions_name, [str(clip_id)])
     return dg.materialize([asset], instance=instance, resources=defs.resources, partition_key=str(clip_id),
-                          raise_on_error=False)
+                          raise_on_error=False, tags={"heaters/requested_by": "sensor"})
 
 
 def _requeue(db, clip_id: int) -> None:

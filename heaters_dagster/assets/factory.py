@@ -64,6 +64,8 @@ def report_summary(report: BatchReport) -> str:
     lines += [f"  {i} (held): {m}" for i, m in sorted(report.held.items())]
     lines += [f"  {i} (lost): {m}" for i, m in sorted(report.lost.items())]
     lines += [f"  {i} (unfinished): {m}" for i, m in sorted(report.unfinished.items())]
+    lines += [f"  {i} (refused): {m}" for i, m in sorted(report.refused.items())]
+    lines += [f"  {i} (run again from {m})" for i, m in sorted(report.rewound.items())]
     return "\n".join(lines)
 
 
@@ -71,7 +73,8 @@ def report_tags(report: BatchReport) -> dict[str, str]:
     """Run tags that make a run that was not a clean success visible in the runs list."""
     tags = {"heaters/succeeded": str(len(report.succeeded))}
     for name, items in (("failed", report.permanent), ("retrying", report.transient), ("held", report.held),
-                        ("lost", report.lost), ("unfinished", report.unfinished), ("skipped", report.skipped)):
+                        ("lost", report.lost), ("unfinished", report.unfinished), ("skipped", report.skipped),
+                        ("refused", report.refused), ("rerun", report.rewound)):
         if items:
             tags[f"heaters/{name}"] = ",".join(str(i) for i in sorted(items))[:200]
     if report.taken_back:
@@ -191,8 +194,10 @@ def build_stage_asset(stage: Stage) -> dg.AssetsDefinition:
         if key not in context.selected_asset_keys:  # only the checks were selected
             yield from evaluate_checks(stage, executor, ids, context.log, context.instance)
             return
+        # A run no stage sensor requested was launched by a person: it means what it says.
+        explicit = context.run.tags.get("heaters/requested_by") != "sensor"
         work = ids
-        if len(ids) > 1:  # a range of the shared partition set may bridge items in other states
+        if len(ids) > 1 and not explicit:  # a sensor's range of the shared partition set may bridge items
             work, others = executor.stage_work(stage, ids)
             if others:
                 context.log.info(f"[{stage.name}] {len(work)} of the range's {len(ids)} partitions are this "
@@ -200,7 +205,7 @@ def build_stage_asset(stage: Stage) -> dg.AssetsDefinition:
         report = executor.execute(
             stage, work, getattr(context.resources, stage.io_manager_key), log=context.log,
             attempt=context.retry_number, run_id=context.run_id, step_key=context.op_execution_context.op_handle.name,
-            takeback_run_ids=_takeback_run_ids(context),
+            takeback_run_ids=_takeback_run_ids(context), explicit=explicit,
         )
         if stage.registers_new_clips and report.new_clip_ids:
             context.instance.add_dynamic_partitions(CLIPS.name, [str(i) for i in report.new_clip_ids])
@@ -211,7 +216,8 @@ def build_stage_asset(stage: Stage) -> dg.AssetsDefinition:
             )
         yield from evaluate_checks(stage, executor, ids, context.log, context.instance)
         summary = report_summary(report)
-        clean = not (report.permanent or report.transient or report.held or report.lost or report.unfinished)
+        clean = not (report.permanent or report.transient or report.held or report.lost or report.unfinished
+                     or report.refused)
         (context.log.info if clean else context.log.warning)(summary)
         try:
             context.instance.add_run_tags(context.run_id, report_tags(report))
@@ -221,6 +227,9 @@ def build_stage_asset(stage: Stage) -> dg.AssetsDefinition:
             raise UnfinishedItemsError(summary)
         if report.transient:
             raise TransientStageError(summary)
+        if report.refused:
+            raise dg.Failure(description=summary, allow_retries=False, metadata={"refused": dg.MetadataValue.text(
+                "; ".join(f"{i}: {m}" for i, m in sorted(report.refused.items()))[:4000])})
         if report.permanent:
             raise dg.Failure(description=summary, allow_retries=False,
                              metadata={"failed_ids": dg.MetadataValue.text(

@@ -95,6 +95,8 @@ class BatchReport:
     held: dict[int, str] = field(default_factory=dict)  # skipped: another worker holds the claim
     lost: dict[int, str] = field(default_factory=dict)  # our claim was taken away: nothing committed
     unfinished: dict[int, str] = field(default_factory=dict)  # outcome could not be recorded (database down)
-    taken_back: list[int] = field(default_factory=list)  # claims of this run's earlier attempt, taken back
+    taken_back: list[int] = field(default_factory=list)
+    refused: dict[int, str] = field(default_factory=dict)  # a person's run asked for an item it cannot run
+    rewound: dict[int, str] = field(default_factory=dict)  # a person's run took these back (from state)  # claims of this run's earlier attempt, taken back
     new_clip_ids: list[int] = field(default_factory=list)
     durations: dict[int, float] = field(default_factory=dict)

@@ -98,11 +98,16 @@ class StageExecutor(dg.ConfigurableResource):
         run_id: str | None = None,
         step_key: str | None = None,
         takeback_run_ids: tuple[str, ...] = (),
+        explicit: bool = False,
     ) -> BatchReport:
+        """``explicit``: a person launched the run (UI, backfill, CLI) rather than a stage sensor. Items
+        already past the stage are then taken back through it when the stage table allows it
+        (``Stage.rerun_from``, or the failure state: a retry), and every other item that cannot run
+        is reported as refused, with the reason, instead of being skipped quietly."""
         report = BatchReport(stage=stage.name)
         who = leases.Claimant(owner=leases.owner_token(run_id, step_key or stage.name, attempt), run_id=run_id,
                               takeback_run_ids=tuple(r for r in (run_id, *takeback_run_ids) if r))
-        claimed = self._claim(stage, item_ids, who, report, log)
+        claimed = self._claim(stage, item_ids, who, report, log, explicit=explicit)
         if not claimed:
             return report
         heartbeat = Heartbeat(self.database, stage, who.owner, claimed, log)
@@ -220,11 +225,12 @@ class StageExecutor(dg.ConfigurableResource):
 
     # ------------------------------------------------------------------------------------------
     def _claim(self, stage: Stage, item_ids: list[int], who: leases.Claimant, report: BatchReport,
-               log: Any) -> list[int]:
+               log: Any, *, explicit: bool = False) -> list[int]:
         claimed: list[int] = []
+        rewind = (*stage.rerun_from, stage.failure_state) if explicit else ()
         for item_id in item_ids:
             with self.database.session() as session:
-                got = leases.claim(session, stage, item_id, who)
+                got = leases.claim(session, stage, item_id, who, rewind_from=rewind)
                 if got is None:
                     row = session.execute(text(
                         f"SELECT state, claim_owner, claim_expires_at FROM {leases.TABLES[stage.entity]} "
@@ -234,6 +240,9 @@ class StageExecutor(dg.ConfigurableResource):
                 if got == stage.in_progress_state:
                     report.taken_back.append(item_id)
                     log.warning(f"[{stage.name}] {stage.entity} {item_id}: took back this run's earlier claim")
+                elif got in rewind:
+                    report.rewound[item_id] = got
+                    log.info(f"[{stage.name}] {stage.entity} {item_id}: run again from {got} (launched by a person)")
                 continue
             if row is None:
                 reason = f"{stage.entity} {item_id} does not exist"
@@ -244,6 +253,11 @@ class StageExecutor(dg.ConfigurableResource):
                 reason = f"not ready yet ({stage.ready_sql})"
             else:
                 reason = f"in state {row.state!r}, expected {' or '.join(stage.input_states)}"
+            if explicit and item_id not in report.held:
+                allowed = ", ".join((*stage.input_states, *stage.rerun_from, stage.failure_state))
+                report.refused[item_id] = f"{reason}; {stage.name} runs {stage.entity}s in {allowed}"
+                log.error(f"[{stage.name}] {stage.entity} {item_id}: refused ({report.refused[item_id]})")
+                continue
             report.skipped[item_id] = reason
             log.info(f"[{stage.name}] {stage.entity} {item_id}: skipped, not claimable ({reason})")
         return claimed

@@ -74,15 +74,20 @@ def contiguous_chunks(keys_in_order: Sequence[str], wanted: Sequence[str], max_l
     return chunks
 
 
+# Runs a stage sensor requested carry this tag; a run without it was launched by a person (UI,
+# backfill) and may take items already past the stage back through it (Stage.rerun_from).
+REQUESTED_BY_TAG = "heaters/requested_by"
+
+
 def run_request_for(stage: Stage, chunk: list[str], versions: dict[str, int]) -> dg.RunRequest:
     if len(chunk) == 1:
         return dg.RunRequest(run_key=stage.run_key(int(chunk[0]), versions[chunk[0]]), partition_key=chunk[0],
-                             tags={"heaters/stage": stage.name})
+                             tags={"heaters/stage": stage.name, REQUESTED_BY_TAG: "sensor"})
     digest = hashlib.sha1(",".join(f"{k}:{versions[k]}" for k in chunk).encode()).hexdigest()[:12]
     return dg.RunRequest(
         run_key=f"{stage.name}:{chunk[0]}-{chunk[-1]}:{digest}",
         tags={ASSET_PARTITION_RANGE_START_TAG: chunk[0], ASSET_PARTITION_RANGE_END_TAG: chunk[-1],
-              "heaters/stage": stage.name, "heaters/items": str(len(chunk))},
+              "heaters/stage": stage.name, "heaters/items": str(len(chunk)), REQUESTED_BY_TAG: "sensor"},
     )
 
 
