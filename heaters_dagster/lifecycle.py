@@ -349,3 +349,34 @@ class DevSupervisor:
         self._reap()
         (self.home / STATE_FILE).unlink(missing_ok=True)
         self.echo(f"Dagster stopped ({time.monotonic() - started:.1f} s)")
+
+
+def fail_interrupted_runs(echo: Callable[[str], None] = log.info) -> list[str]:
+    """Mark runs that a previous ``heaters dev`` left in progress as failed.
+
+    When ``heaters dev`` stops (or is killed) while runs are going, their workers die with it and
+    Dagster's records keep saying STARTED: the default run launcher cannot check a run worker's
+    health after a restart. On the embedded database nothing else can be running them (``dev.lock``
+    allows one ``heaters dev`` per home), so at start every run still in progress is reported failed;
+    the ``release_failed_runs`` sensor then hands their items back at once instead of waiting for the
+    leases. With a configured server (``HEATERS_DATABASE_URL``) other daemons may own those runs:
+    nothing is touched, and the leases recover their items."""
+    from heaters_dagster.settings import get_settings
+
+    settings = get_settings()
+    if settings.database_url or settings.dagster_database_url:
+        return []
+    import dagster as dg
+    from dagster._core.storage.dagster_run import IN_PROGRESS_RUN_STATUSES
+
+    failed: list[str] = []
+    with dg.DagsterInstance.get() as instance:
+        statuses = [*IN_PROGRESS_RUN_STATUSES, dg.DagsterRunStatus.CANCELING]
+        for record in instance.get_run_records(filters=dg.RunsFilter(statuses=statuses)):
+            run = record.dagster_run
+            instance.report_run_failed(run, "heaters dev stopped while this run was in progress; its items "
+                                            "go back to their input state")
+            failed.append(run.run_id)
+    if failed:
+        echo(f"marked {len(failed)} run(s) interrupted by the previous session as failed")
+    return failed

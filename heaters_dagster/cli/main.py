@@ -380,7 +380,8 @@ def dev(ctx: click.Context) -> None:
     workspace.yaml and dagster.yaml. Extra arguments go to `dagster dev` (e.g. -p 3000)."""
     from heaters_dagster.dagster_home import prepare_dagster_home, project_root
     from heaters_dagster.database.embedded import ensure_environment, stop_embedded
-    from heaters_dagster.lifecycle import DevAlreadyRunning, DevSupervisor, acquire_dev_lock, recover_previous_dev
+    from heaters_dagster.lifecycle import (DevAlreadyRunning, DevSupervisor, acquire_dev_lock, fail_interrupted_runs,
+                                           recover_previous_dev)
     from heaters_dagster.database.engine import database_url
     from heaters_dagster.settings import export_for_children, heaters_home, redact_url
 
@@ -401,6 +402,7 @@ def dev(ctx: click.Context) -> None:
     ensure_environment()
     _db_ready()
     home = prepare_dagster_home()
+    fail_interrupted_runs(echo=say)
     root = project_root()
     click.echo(f"DAGSTER_HOME={home}\nHEATERS_DATABASE_URL={redact_url(database_url())}\n"
                f"HEATERS_CONFIG={os.environ.get('HEATERS_CONFIG') or 'none (no heaters.toml found)'}")
