@@ -19,7 +19,8 @@ Routes (JSON unless noted)::
     GET  /api/undoable?reviewer=NAME    the reviewer's recent events an undo would reverse   (token)
     GET  /api/clips/{clip_id}/neighbours  the live clips of the clip's source (merge/group targets),
                                         and whether a merge is possible (and why not)
-    GET  /api/clips/{clip_id}/similar   similar clips, with the model used (model_id, model_source)
+    GET  /api/clips/{clip_id}/similar   similar clips, with the model used (model_id, model_source),
+                                        or `unavailable`: one line saying why there are none
     POST /api/clips/{clip_id}/lease     {reviewer, session?}: renew the lease             (token)
     POST /api/clips/{clip_id}/release   {reviewer, session?}: give the clip back           (token)
 
@@ -318,13 +319,13 @@ def create_app(database: DatabaseResource, store: ArtifactStore, *, token: str |
                     return ok(similar_clips(s, store, clip_id))
             except LookupError as exc:
                 return error(str(exc), 404)
-            except SimilarUnavailable as exc:
+            except SimilarUnavailable as exc:  # an answer, not a failure: the page shows the line
                 log.warning("similar clips of clip %s unavailable: %s (%s)", clip_id, exc.reason,
                             exc.__cause__ or "no detail")
-                return error(f"similar clips unavailable: {exc.reason}", 503)
+                return ok({"clip_id": clip_id, "clips": [], "unavailable": f"similar clips unavailable: {exc.reason}"})
             except HeatersError:
                 log.warning("similar clips of clip %s unavailable", clip_id, exc_info=True)
-                return error("similar clips unavailable", 503)
+                return ok({"clip_id": clip_id, "clips": [], "unavailable": "similar clips unavailable"})
 
         return await run_in_threadpool(work)
 

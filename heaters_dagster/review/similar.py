@@ -11,6 +11,7 @@ configured one, or the stored embeddings' model when the configured one has none
 from __future__ import annotations
 
 import io
+import time
 from typing import Any
 
 from PIL import Image
@@ -32,6 +33,26 @@ class SimilarUnavailable(HeatersError):
     def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason
+
+
+LOAD_RETRY_S = 300.0
+_load_failures: dict[Any, tuple[float, BaseException]] = {}
+
+
+def _load_embedder(cls: Any, spec: Any) -> Any:
+    """The embedding model, or SimilarUnavailable("no embedding model"). A failed load (weights
+    missing offline, a bad checkpoint) is remembered for LOAD_RETRY_S, so the page does not retry
+    a slow failing load for every clip it shows."""
+    failed = _load_failures.get(spec)
+    if failed is not None and time.monotonic() - failed[0] < LOAD_RETRY_S:
+        raise SimilarUnavailable("no embedding model") from failed[1]
+    try:
+        embedder = cls.load(spec)
+    except Exception as exc:  # noqa: BLE001 - weights missing offline, bad checkpoint, ...
+        _load_failures[spec] = (time.monotonic(), exc)
+        raise SimilarUnavailable("no embedding model") from exc
+    _load_failures.pop(spec, None)
+    return embedder
 
 
 def middle_tile(sprite_jpeg: bytes, layout: dict[str, Any]) -> Image.Image:
@@ -64,10 +85,7 @@ def similar_clips(session: Session, store: ArtifactStore, clip_id: int, k: int =
             tile = middle_tile(store.read_bytes(sprite.storage_key), sprite.meta)
         except (FileNotFoundError, PermanentError, KeyError, ValueError, OSError) as exc:
             raise SimilarUnavailable("the sprite sheet cannot be read") from exc
-        try:
-            embedder = ClipEmbedder.load(spec_for_model(model.model_id, spec))
-        except Exception as exc:  # noqa: BLE001 - weights missing offline, bad checkpoint, ...
-            raise SimilarUnavailable("no embedding model") from exc
+        embedder = _load_embedder(ClipEmbedder, spec_for_model(model.model_id, spec))
         vector, basis = embedder.embed_images([tile])[0], "middle sprite frame"
     hits = search_vector(session, vector, model_id=model.model_id, strategy=strategy, k=k, exclude_clip_id=clip_id)
     return {"clip_id": clip_id, **model.to_dict(), "basis": basis,
