@@ -300,7 +300,7 @@
     if (params.has("token")) {
       // Signed in once by the address: keep the token for this tab, take it out of the address
       // (and so out of the history, bookmarks and the Referer).
-      if (params.get("token")) sessionStorage.setItem("heaters.token", params.get("token"));
+      if (params.get("token")) { sessionStorage.setItem("heaters.token", params.get("token")); S.freshToken = true; }
       params.delete("token");
       const q = params.toString();
       history.replaceState(null, "", location.pathname + (q ? "?" + q : "") + location.hash);
@@ -370,10 +370,19 @@
     renderLogin();
     $("queue-length").textContent = String(d.queue_length);
     showClip(d.clip);
-    prefetch(d.prefetch || [], d.clip && d.clip.video ? d.clip.video.bytes : 0);
+    // The next clips' videos once this one has its first frame (they never compete with it).
+    const gen = S.gen;
+    const later = function () {
+      if (gen === S.gen) prefetch(d.prefetch || [], d.clip && d.clip.video ? d.clip.video.bytes : 0);
+    };
+    if (d.clip && d.clip.video) $("video").addEventListener("loadeddata", later, { once: true });
+    else later();
     if (!d.clip) S.emptyTimer = setTimeout(loadNext, 10000);
     if (S.leaseTimer) clearInterval(S.leaseTimer);
     S.leaseTimer = null;
+    // The clip this tab holds: a reload asks for it first.
+    if (d.clip && d.leased) sessionStorage.setItem("heaters.clip", String(d.clip.id));
+    else sessionStorage.removeItem("heaters.clip");
     if (d.clip && d.leased) {
       S.leaseTimer = setInterval(renewLease, Math.max(5, d.lease_s / 3) * 1000);
     }
@@ -457,6 +466,7 @@
     if (HAS_RVFC) {
       const onFrame = function (now, meta) {
         if (gen !== S.gen || !S.clip) return;
+        if (!S.firstFrame) { S.firstFrame = true; if (performance.mark) performance.mark("heaters-first-frame"); }
         $("player").classList.remove("loading");
         shownFrame(frameAtMediaTime(meta.mediaTime, S.clip.fps, S.clip.frame_count));
         video.requestVideoFrameCallback(onFrame);
@@ -894,11 +904,13 @@
   // -- wiring ------------------------------------------------------------------------------
   async function start() {
     if (S.token && !S.reviewer) renderLogin("token received: enter your name to start reviewing");
-    if (S.token) await checkToken();
+    // A token just handed over in the address is checked first (a reload skips this round trip).
+    if (S.token && (!S.reviewer || S.freshToken)) await checkToken();
     renderLogin();
     // /clip/<id> (the link on a sprite materialization in the Dagster UI): that clip first.
     const linked = /^\/clip\/(\d+)\/?$/.exec(location.pathname);
-    await loadNext(linked ? { prefer: Number(linked[1]), linked: true } : undefined);
+    const held = Number(sessionStorage.getItem("heaters.clip")) || null;
+    await loadNext(linked ? { prefer: Number(linked[1]), linked: true } : held && signedIn() ? { prefer: held } : undefined);
     if (S.writable) loadHistory();
   }
 
