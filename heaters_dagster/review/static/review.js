@@ -605,7 +605,7 @@
     $("time").textContent = formatSeconds(frame / clip.fps);
     $("play").textContent = S.playing ? "❚❚" : "▶";
     $("play").setAttribute("aria-label", S.playing ? "pause" : "play");
-    $("mute").textContent = S.muted ? "🔇" : "🔊";
+    $("mute").textContent = S.muted ? "muted" : "sound";
     $("mute").setAttribute("aria-label", S.muted ? "unmute" : "mute");
     $("mute").setAttribute("aria-pressed", S.muted ? "true" : "false");
     document.querySelectorAll("[data-speed]").forEach(function (b) {
@@ -634,7 +634,8 @@
     $("clip-frames").textContent = c ? c.start_frame + "–" + (c.end_frame - 1) + " · " + c.frame_count +
       " frames @ " + Number(c.fps.toFixed(3)) + " fps" : "–";
     $("clip-state").textContent = c ? c.state.replace(/_/g, " ") + (c.group_id ? " · in group " + c.group_id : "") : "–";
-    $("clip-video").textContent = c ? (c.video ? (c.video.bytes / 1e6).toFixed(1) + " MB" : "no video file") : "–";
+    $("clip-video").textContent = c ? (c.video ? (c.video.bytes >= 1e6 ? (c.video.bytes / 1e6).toFixed(1) + " MB"
+      : Math.ceil(c.video.bytes / 1e3) + " kB") : "no video file") : "–";
   }
 
   function targetClip() {
