@@ -387,6 +387,9 @@ def test_two_tabs_same_name_get_different_clips_and_prefetch_is_bounded(browser,
     current = ids[2]
     others = sum(server.app.bytes_for(f"/api/clips/{c}/video") for c in ids[3:])
     assert 0 < others <= 3 * sizes[current], (others, sizes)
+    # The clip now shown was prefetched while the first one played: the player used that download.
+    tab1.wait_for_function("() => document.getElementById('video').readyState >= 2")
+    assert server.app.bytes_for(f"/api/clips/{current}/video") == sizes[current]
     _no_errors(browser.errors)
 
 
