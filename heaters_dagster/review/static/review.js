@@ -408,8 +408,10 @@
     const id = S.clip.id;
     const res = await api_("POST", "/api/clips/" + id + "/lease", { reviewer: S.reviewer, session: S.session });
     if (res.status === 409 && S.clip && S.clip.id === id) {
-      toast("your lease on clip " + id + " ran out and the clip went to another reviewer", "error");
-      loadNext({ exclude: [id] });
+      // Lost (expired, or released by this tab's previous page after a reload): take it back if
+      // it is still free, else say so and move on.
+      await loadNext({ prefer: id });
+      if (!S.clip || S.clip.id !== id) toast("your lease on clip " + id + " ran out and the clip went to another reviewer", "error");
     }
   }
 
