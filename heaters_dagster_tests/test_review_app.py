@@ -384,3 +384,140 @@ def test_serve_builds_the_app_and_runs_uvicorn(monkeypatch, db, clips):
     with TestClient(app) as c:  # the served app answers with the configured token
         r = c.get("/api/next", params={"reviewer": "ann"}, headers=AUTH)
         assert r.status_code == 200 and r.json()["leased"]
+
+
+# -- sessions, undo history, video, messages ---------------------------------------------------
+def test_session_endpoint_checks_the_token(db, store, client):
+    assert client.get("/api/session").json()["auth"] == "missing"
+    assert client.get("/api/session", headers={"X-Heaters-Token": "no"}).json()["auth"] == "wrong"
+    body = client.get("/api/session", headers=AUTH).json()
+    assert body["auth"] == "ok" and body["writable"] is True and body["undo_window_s"] > 0
+    with TestClient(create_app(db, store, token=None)) as c:
+        assert c.get("/api/session", headers=AUTH).json() == {**c.get("/api/session").json(), "auth": "disabled"}
+
+
+def test_two_sessions_of_one_reviewer_hold_different_clips(db, client, clips):
+    _, (a, b, c, _d) = clips
+    one = client.get("/api/next", params={"reviewer": "ann", "session": "tab-one-1234"}, headers=AUTH).json()
+    two = client.get("/api/next", params={"reviewer": "ann", "session": "tab-two-5678"}, headers=AUTH).json()
+    assert (one["clip"]["id"], two["clip"]["id"]) == (a, b)
+    assert row_of(db, "clip", a).lease_owner == "ann#tab-one-1234"
+    assert a not in [p["id"] for p in two["prefetch"]]
+    # a reload of tab one gets its clip back; tab two cannot renew tab one's lease
+    again = client.get("/api/next", params={"reviewer": "ann", "session": "tab-one-1234"}, headers=AUTH).json()
+    assert again["clip"]["id"] == a
+    r = client.post(f"/api/clips/{a}/lease", json={"reviewer": "ann", "session": "tab-two-5678"}, headers=AUTH)
+    assert r.status_code == 409
+    # an event from tab one releases tab one's lease only
+    _post(client, {"clip_id": a, "action": "skip", "reviewer": "ann", "session": "tab-one-1234"})
+    assert row_of(db, "clip", a).lease_owner is None and row_of(db, "clip", b).lease_owner == "ann#tab-two-5678"
+    bad = client.get("/api/next", params={"reviewer": "ann", "session": "x"}, headers=AUTH)
+    assert bad.status_code == 400 and "session" in bad.json()["error"]
+
+
+def test_undoable_lists_what_an_undo_would_reverse(db, client, clips, monkeypatch):
+    _, (a, b, c, d) = clips
+    assert client.get("/api/undoable", params={"reviewer": "ann"}).status_code == 403
+    e_a = _post(client, {"clip_id": a, "action": "approve", "reviewer": "ann"}).json()["id"]
+    e_b = _post(client, {"clip_id": b, "action": "split", "payload": {"frame": 20}, "reviewer": "ann"}).json()["id"]
+    e_c = _post(client, {"clip_id": c, "action": "archive", "reviewer": "bob"}).json()["id"]
+    listed = client.get("/api/undoable", params={"reviewer": "ann"}, headers=AUTH).json()
+    assert [e["id"] for e in listed["events"]] == [e_b, e_a]  # pending events count, newest first
+    process_pending_events(db)
+    assert [e["id"] for e in client.get("/api/undoable", params={"reviewer": "ann"}, headers=AUTH)
+            .json()["events"]] == [e_b, e_a]
+    assert [e["id"] for e in client.get("/api/undoable", params={"reviewer": "bob"}, headers=AUTH)
+            .json()["events"]] == [e_c]
+    # past the split's undo window it is no longer listed (an approve has no window)
+    monkeypatch.setenv("HEATERS_UNDO_WINDOW_S", "0")
+    time.sleep(0.05)
+    ids = [e["id"] for e in client.get("/api/undoable", params={"reviewer": "ann"}, headers=AUTH).json()["events"]]
+    assert ids == [e_a]
+    monkeypatch.delenv("HEATERS_UNDO_WINDOW_S")
+    # once undone it is gone; another reviewer's later decision on the clip hides it too
+    _post(client, {"clip_id": a, "action": "undo", "reviewer": "ann"})
+    process_pending_events(db)
+    assert e_a not in [e["id"] for e in client.get("/api/undoable", params={"reviewer": "ann"},
+                                                   headers=AUTH).json()["events"]]
+    _post(client, {"clip_id": d, "action": "skip", "reviewer": "ann"})
+    process_pending_events(db)
+    _post(client, {"clip_id": d, "action": "approve", "reviewer": "bob"})
+    process_pending_events(db)
+    assert [e["id"] for e in client.get("/api/undoable", params={"reviewer": "ann"}, headers=AUTH)
+            .json()["events"]] == [e_b]  # d's skip is no longer ann's to undo
+
+
+def test_video_is_served_with_range_requests(db, store, client, tmp_path):
+    from heaters_dagster.media.synthetic import make_video as make_mp4
+
+    vid = make_video(db)
+    (cid,) = make_clips(db, vid, [(0, 24)], state="pending_review")
+    mp4 = make_mp4(tmp_path / "v.mp4", (1.0,), fps=24, width=64, height=36, audio=False)
+    key = row_of(db, "clip", cid).file_key
+    store.put_file(mp4.path, key)
+    data = mp4.path.read_bytes()
+    body = client.get("/api/next", params={"reviewer": "ann"}, headers=AUTH).json()
+    assert body["clip"]["video"]["bytes"] == len(data)
+    url = body["clip"]["video"]["url"]
+    full = client.get(url)
+    assert full.status_code == 200 and full.content == data and full.headers["accept-ranges"] == "bytes"
+    assert full.headers["content-type"] == "video/mp4"
+    part = client.get(url, headers={"Range": "bytes=100-199"})
+    assert part.status_code == 206 and part.content == data[100:200]
+    assert part.headers["content-range"] == f"bytes 100-199/{len(data)}"
+    tail = client.get(url, headers={"Range": f"bytes={len(data) - 10}-"})
+    assert tail.status_code == 206 and tail.content == data[-10:]
+    assert client.get(url, headers={"Range": f"bytes={len(data) + 5}-"}).status_code == 416
+    assert "media-src 'self'" in full.headers["content-security-policy"]
+    store.delete(key)
+    r = client.get(url)
+    assert r.status_code == 404 and "/" not in r.json()["error"].replace("/api", "")
+
+
+def test_byte_range_parsing():
+    from heaters_dagster.review.http import BadRequest
+    from heaters_dagster.review.media_routes import byte_range
+
+    assert byte_range(None, 100) is None and byte_range("bytes=0-", 100) == (0, 100)
+    assert byte_range("bytes=10-19", 100) == (10, 20) and byte_range("bytes=90-500", 100) == (90, 100)
+    assert byte_range("bytes=-5", 100) == (95, 100) and byte_range("items=1-2", 100) is None
+    with pytest.raises(BadRequest):
+        byte_range("bytes=100-", 100)
+
+
+def test_favicon(client):
+    r = client.get("/favicon.ico")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("image/svg+xml") and b"<svg" in r.content
+
+
+def test_neighbours_say_whether_merge_is_possible(db, client, clips):
+    _, (a, b, c, d) = clips
+    first = client.get(f"/api/clips/{a}/neighbours").json()["merge"]
+    assert first == {"possible": False, "target": None, "reason": "no live clip right before this one"}
+    assert client.get(f"/api/clips/{b}/neighbours").json()["merge"] == {"possible": True, "target": a, "reason": None}
+    _post(client, {"clip_id": b, "action": "split", "payload": {"frame": 20}, "reviewer": "ann"})
+    process_pending_events(db)
+    m = client.get(f"/api/clips/{c}/neighbours").json()["merge"]
+    assert m["possible"] is False and m["target"] == b and "split pending" in m["reason"]
+
+
+def test_similar_without_a_model_is_one_line_without_paths(db, store, client, clips, monkeypatch, caplog):
+    from heaters_dagster.media.embedding import ClipEmbedder
+
+    _, (a, *_rest) = clips
+
+    def no_weights(*args, **kwargs):
+        raise OSError("cannot load weights from /root/.cache/huggingface/hub/models--x/snapshots/abc: " + "x" * 500)
+
+    from heaters_dagster.review import similar
+
+    calls = []
+    monkeypatch.setattr(ClipEmbedder, "load", classmethod(lambda cls, *a, **k: calls.append(1) or no_weights()))
+    monkeypatch.setattr(similar, "_load_failures", {})
+    with caplog.at_level("WARNING", logger="heaters.review"):
+        r = client.get(f"/api/clips/{a}/similar")
+        r2 = client.get(f"/api/clips/{a}/similar")
+    assert r.status_code == 200
+    assert r.json() == {"clip_id": a, "clips": [], "unavailable": "similar clips unavailable: no embedding model"}
+    assert r2.json() == r.json() and len(calls) == 1  # a failed load is not retried for every clip
+    assert "/root/.cache" in caplog.text  # the detail is in the server log

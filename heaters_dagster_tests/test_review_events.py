@@ -68,15 +68,21 @@ def test_actions_on_archived_or_unknown_clip_are_rejected(db, instance, clips):
     assert _outcome(db, e3) == ("rejected", "clip 999999 does not exist")
 
 
-def test_group_approves_both_and_links_them(db, instance, clips):
+def test_group_approves_the_clip_and_links_the_target_without_approving_it(db, instance, clips):
     _, (a, b, c, _d) = clips
     e = _event(db, a, "group", target_clip_id=c)
     _tick(db, instance)
     assert _outcome(db, e) == ("applied", None)
     ra, rc = row_of(db, "clip", a), row_of(db, "clip", c)
-    assert ra.state == rc.state == "review_approved"
+    # the reviewer looked at a: approved; nobody reviewed c: it joins the group, still to review
+    assert (ra.state, rc.state) == ("review_approved", "pending_review")
     assert ra.group_id == rc.group_id == min(a, c)
     assert row_of(db, "clip", b).group_id is None
+    e2 = _event(db, c, "approve")  # c's own review, later, keeps the group
+    _tick(db, instance)
+    assert _outcome(db, e2) == ("applied", None)
+    rc = row_of(db, "clip", c)
+    assert (rc.state, rc.group_id) == ("review_approved", min(a, c))
 
 
 def test_group_across_sources_is_rejected(db, instance, clips):

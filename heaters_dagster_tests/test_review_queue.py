@@ -204,3 +204,28 @@ def test_concurrent_reviewers_each_clip_reviewed_once(db):
     assert len({v[0] for v in served.values()}) >= 2  # the work really was shared
     applied = process_pending_events(db)
     assert [a.outcome for a in applied] == ["applied"] * 40
+
+
+def test_preferred_clip_waits_for_a_release_in_flight_instead_of_skipping_it(db, clips):
+    """A tab that reloads asks for the clip it held (prefer) while its release, sent as the old
+    page went away, may still hold the row lock: it gets that clip, not the next one."""
+    first, second, _third = clips
+    assert _lease(db, "ann#tab1") == first
+    locked, done = threading.Event(), threading.Event()
+
+    def slow_release():
+        with db.session() as s:
+            assert queue.release(s, first, "ann#tab1")  # row lock held until commit
+            locked.set()
+            time.sleep(0.5)
+        done.set()
+
+    t = threading.Thread(target=slow_release)
+    t.start()
+    assert locked.wait(10)
+    got = _lease(db, "ann#tab1", prefer_id=first)
+    t.join(10)
+    assert done.is_set() and got == first
+    assert row_of(db, "clip", first).lease_owner == "ann#tab1"
+    # without prefer, a locked row is skipped as before
+    assert _lease(db, "bob") == second

@@ -65,10 +65,11 @@ def test_pending_clip_finds_the_embedded_clip_that_looks_the_same(db, store_dir,
         assert client.get("/api/clips/999999/similar").status_code == 404
 
 
-def test_clip_without_sprite_answers_503_with_reason(db, store_dir, tiny):
+def test_clip_without_sprite_answers_why_there_are_none(db, store_dir, tiny):
     store = ArtifactStore(str(store_dir))
     vid = make_video(db)
     (cid,) = make_clips(db, vid, [(0, 48)])
     with TestClient(create_app(db, store, token="t")) as client:
         res = client.get(f"/api/clips/{cid}/similar")
-    assert res.status_code == 503 and "no sprite" in res.json()["error"]
+    assert res.status_code == 200 and res.json()["clips"] == []
+    assert res.json()["unavailable"] == "similar clips unavailable: no sprite sheet yet"

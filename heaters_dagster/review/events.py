@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from heaters_dagster.database.models import REVIEW_ACTIONS, Clip, ReviewEvent
@@ -108,6 +108,13 @@ def _move(session: Session, clip: Clip, to_state: str, info: dict[str, Any], **v
     session.refresh(clip)
 
 
+def _regroup(clip: Clip, group_id: int, info: dict[str, Any]) -> None:
+    """Set a clip's group without changing its state (undo puts the old group back)."""
+    info[str(clip.id)] = {"before": clip.state, "after": clip.state, "group_id": clip.group_id,
+                          "pending_op": clip.pending_op}
+    clip.group_id = group_id
+
+
 def _require_reviewable(clip: Clip, verb: str) -> None:
     if clip.state not in REVIEWABLE:
         raise Rejected(f"clip {clip.id} is {clip.state}; only clips waiting for review can be {verb}")
@@ -200,13 +207,14 @@ def _apply(session: Session, ev: ReviewEvent, now: datetime) -> dict[str, Any]:
             if c.state not in GROUPABLE:
                 raise Rejected(f"clip {c.id} is {c.state} and cannot be grouped")
         group_id = clip.group_id or target.group_id or min(clip.id, target.id)
-        for c in (clip, target):
-            if c.state == C.REVIEW_APPROVED:
-                info[str(c.id)] = {"before": c.state, "after": c.state, "group_id": c.group_id,
-                                   "pending_op": c.pending_op}
-                c.group_id = group_id
-            else:
-                _move(session, c, C.REVIEW_APPROVED, info, group_id=group_id, **reviewed)
+        # The reviewer looked at this clip: it is approved (if it was not already). The target only
+        # joins the group; its review state is left alone, so a clip nobody reviewed is never
+        # approved by a group and still comes up for review (shown as a member of the group).
+        if clip.state == C.REVIEW_APPROVED:
+            _regroup(clip, group_id, info)
+        else:
+            _move(session, clip, C.REVIEW_APPROVED, info, group_id=group_id, **reviewed)
+        _regroup(target, group_id, info)
     else:  # pragma: no cover - the CHECK constraint forbids it
         raise Rejected(f"unknown action {action}")
     return info
@@ -245,6 +253,61 @@ def _undo(session: Session, ev: ReviewEvent, clip: Clip, now: datetime) -> Revie
             c.pending_op = values["pending_op"]
     target.undone_by = ev.id
     return target
+
+
+UNDOABLE_LIMIT = 20
+UNDOABLE_SCAN = 200
+
+
+def undoable_events(session: Session, reviewer: str, *, now: datetime | None = None,
+                    limit: int = UNDOABLE_LIMIT) -> list[ReviewEvent]:
+    """The reviewer's recent events an undo would still reverse, newest first.
+
+    The same rules as :func:`_undo`: an event not yet undone and not rejected (an event still
+    waiting to be applied counts, since it is applied before the undo), a split or merge only
+    within its undo window, and only while every clip it changed is still in the state it left
+    it in (so no work has started on it). Undo takes back the newest such event of a clip, so
+    older events of a clip that a newer one changed are left out. Looks at the reviewer's last
+    ``UNDOABLE_SCAN`` events."""
+    now = now or datetime.now(timezone.utc)
+    window = undo_window_s()
+    rows = session.execute(
+        select(ReviewEvent).where(ReviewEvent.reviewer == reviewer, ReviewEvent.action != "undo",
+                                  ReviewEvent.undone_by.is_(None),
+                                  or_(ReviewEvent.outcome.is_(None), ReviewEvent.outcome == "applied"))
+        .order_by(ReviewEvent.id.desc()).limit(UNDOABLE_SCAN)).scalars().all()
+    clip_ids = {int(cid) for ev in rows for cid in (ev.undo_info or {})} | {ev.clip_id for ev in rows}
+    states = dict(session.execute(select(Clip.id, Clip.state).where(Clip.id.in_(clip_ids))).all()) if clip_ids else {}
+    # Undo reverses the newest event on a clip, whoever sent it: later events of others count.
+    later = session.execute(
+        select(ReviewEvent.id, ReviewEvent.undo_info)
+        .where(ReviewEvent.id > min(ev.id for ev in rows), ReviewEvent.outcome == "applied",
+               ReviewEvent.action != "undo", ReviewEvent.undone_by.is_(None))
+        .order_by(ReviewEvent.id.desc()).limit(10 * UNDOABLE_SCAN)).all() if rows else []
+    last_touch: dict[int, int] = {}
+    for eid, linfo in later:
+        for cid in (linfo or {}):
+            last_touch[int(cid)] = max(last_touch.get(int(cid), 0), eid)
+    out: list[ReviewEvent] = []
+    seen: set[int] = set()
+    for ev in rows:
+        info = ev.undo_info or {}
+        touched = {int(c) for c in info} or {ev.clip_id}
+        if touched & seen or any(last_touch.get(c, 0) > ev.id for c in touched):
+            continue
+        seen |= touched
+        if ev.processed_at is None:
+            if states.get(ev.clip_id) is None:
+                continue
+        else:
+            if ev.action in ("split", "merge") and (now - ev.processed_at).total_seconds() > window:
+                continue
+            if any(states.get(int(cid)) != entry.get("after") for cid, entry in info.items()):
+                continue
+        out.append(ev)
+        if len(out) >= limit:
+            break
+    return out
 
 
 def apply_event(session: Session, event_id: int, now: datetime | None = None) -> Applied | None:

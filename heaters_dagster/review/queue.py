@@ -83,7 +83,15 @@ def lease_next(session: Session, reviewer: str, *, lease_s: float = DEFAULT_LEAS
         base = base.where(Clip.id.not_in(exclude))
     clip = None
     if prefer_id is not None:
-        clip = session.execute(base.where(Clip.id == int(prefer_id))).scalar_one_or_none()
+        # The preferred clip waits for a row lock instead of skipping it: a tab that reloads asks
+        # for the clip it held while its own release (sent on page hide) may still be committing.
+        # Locks on clip rows are held for one short transaction. PostgreSQL re-checks the lease
+        # condition on the row version it gets.
+        preferred = (select(Clip).where(_reviewable(), _lease_free_for(reviewer, now), Clip.id == int(prefer_id))
+                     .with_for_update(of=Clip))
+        if exclude:
+            preferred = preferred.where(Clip.id.not_in(exclude))
+        clip = session.execute(preferred).scalar_one_or_none()
     if clip is None:
         clip = session.execute(base.order_by(*_queue_order(reviewer, now)).limit(1)).scalar_one_or_none()
     # One lease per reviewer: whatever else they held goes back to the queue.

@@ -11,6 +11,7 @@ configured one, or the stored embeddings' model when the configured one has none
 from __future__ import annotations
 
 import io
+import time
 from typing import Any
 
 from PIL import Image
@@ -18,11 +19,40 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from heaters_dagster.database.models import Clip, ClipArtifact
-from heaters_dagster.errors import PermanentError
+from heaters_dagster.errors import HeatersError, PermanentError
 from heaters_dagster.pipeline.handlers import embedding_spec
 from heaters_dagster.search import choose_model, clip_vector, search_vector, spec_for_model
 from heaters_dagster.stages import get_stage
 from heaters_dagster.storage import ArtifactStore
+
+
+class SimilarUnavailable(HeatersError):
+    """Similar clips cannot be computed; ``reason`` is one short line for the page (the detail,
+    which may name cache paths, is the exception's ``__cause__`` and goes to the server log)."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+LOAD_RETRY_S = 300.0
+_load_failures: dict[Any, tuple[float, BaseException]] = {}
+
+
+def _load_embedder(cls: Any, spec: Any) -> Any:
+    """The embedding model, or SimilarUnavailable("no embedding model"). A failed load (weights
+    missing offline, a bad checkpoint) is remembered for LOAD_RETRY_S, so the page does not retry
+    a slow failing load for every clip it shows."""
+    failed = _load_failures.get(spec)
+    if failed is not None and time.monotonic() - failed[0] < LOAD_RETRY_S:
+        raise SimilarUnavailable("no embedding model") from failed[1]
+    try:
+        embedder = cls.load(spec)
+    except Exception as exc:  # noqa: BLE001 - weights missing offline, bad checkpoint, ...
+        _load_failures[spec] = (time.monotonic(), exc)
+        raise SimilarUnavailable("no embedding model") from exc
+    _load_failures.pop(spec, None)
+    return embedder
 
 
 def middle_tile(sprite_jpeg: bytes, layout: dict[str, Any]) -> Image.Image:
@@ -50,9 +80,12 @@ def similar_clips(session: Session, store: ArtifactStore, clip_id: int, k: int =
         sprite = session.execute(select(ClipArtifact).where(ClipArtifact.clip_id == clip_id,
                                                             ClipArtifact.artifact_type == "sprite")).scalar()
         if sprite is None:
-            raise PermanentError(f"clip {clip_id} has no sprite sheet yet") from None
-        tile = middle_tile(store.read_bytes(sprite.storage_key), sprite.meta)
-        embedder = ClipEmbedder.load(spec_for_model(model.model_id, spec))
+            raise SimilarUnavailable("no sprite sheet yet") from None
+        try:
+            tile = middle_tile(store.read_bytes(sprite.storage_key), sprite.meta)
+        except (FileNotFoundError, PermanentError, KeyError, ValueError, OSError) as exc:
+            raise SimilarUnavailable("the sprite sheet cannot be read") from exc
+        embedder = _load_embedder(ClipEmbedder, spec_for_model(model.model_id, spec))
         vector, basis = embedder.embed_images([tile])[0], "middle sprite frame"
     hits = search_vector(session, vector, model_id=model.model_id, strategy=strategy, k=k, exclude_clip_id=clip_id)
     return {"clip_id": clip_id, **model.to_dict(), "basis": basis,

@@ -46,16 +46,55 @@ test("tileOffset walks the grid row by row", () => {
   assert.deepEqual(R.tileOffset(7, L, 2), { x: -640, y: -180 });
 });
 
-test("playback advances at effective_fps times speed and loops", () => {
-  const L = layout(24, 24, 48);
-  assert.equal(R.playbackTile(0, 1000, L, 1), 24);
-  assert.equal(R.playbackTile(0, 1000, L, 1.5), 36);
-  assert.equal(R.playbackTile(0, 1000, L, 2), 0); // 48 tiles: back to the start
-  assert.equal(R.playbackTile(40, 500, L, 1), 4);
-  assert.equal(R.playbackTile(3, 40, L, 1), 3); // less than one frame later
-  assert.equal(R.stepTile(0, -1, L), 0);
-  assert.equal(R.stepTile(47, 1, L), 47);
-  assert.equal(R.stepTile(10, 1, L), 11);
+test("video frames: mediaTime rounds to its frame, seeks aim mid-frame, steps stay inside", () => {
+  assert.equal(R.frameAtMediaTime(37 / 30, 30, 5400), 37);
+  assert.equal(R.frameAtMediaTime(1.233333, 30, 5400), 37); // what Chromium reports for frame 37
+  assert.equal(R.frameAtMediaTime(179.99, 30, 5400), 5399);
+  for (const fps of [24, 25, 30000 / 1001, 30, 50, 60]) {
+    for (const f of [0, 1, 2, 17, 1234, 5398]) {
+      assert.equal(R.frameAtCurrentTime(R.seekTime(f, fps), fps, 5400), f, fps + " fps frame " + f);
+      assert.equal(R.frameAtMediaTime(f / fps, fps, 5400), f);
+    }
+  }
+  assert.equal(R.seekTime(0, 30), 0.5 / 30);
+  assert.equal(R.stepFrame(0, -1, 100), 0);
+  assert.equal(R.stepFrame(99, 1, 100), 99);
+  assert.equal(R.stepFrame(10, 1, 100), 11);
+});
+
+test("frameToTile picks the tile showing the frame, or the one before it", () => {
+  for (const [fps, n] of [[24, 48], [30, 60], [60, 120]]) {
+    const L = layout(fps, 24, 48);
+    for (let f = 0; f < n; f++) {
+      const t = R.frameToTile(f, L, n);
+      assert.ok(R.tileToFrame(t, L, n) <= f || t === 0, fps + " fps frame " + f);
+      if (t + 1 < L.frame_count) assert.ok(R.tileToFrame(t + 1, L, n) > f);
+    }
+  }
+});
+
+test("prefetch stays within 3x the current clip's bytes", () => {
+  const item = (id, bytes) => ({ id: id, video: bytes == null ? null : { url: "/v/" + id, bytes: bytes } });
+  const plan = R.prefetchPlan([item(1, 100), item(2, 150), item(3, 100), item(4, 40)], 100, 3);
+  assert.deepEqual(plan.map((p) => p.id), [1, 2, 4]); // 100 + 150 = 250; 3 (100) would pass 300; 4 fits
+  assert.deepEqual(R.prefetchPlan([item(1, 400)], 100, 3), []);
+  assert.deepEqual(R.prefetchPlan([item(1, null), item(2, 10)], 0, 3), []);
+});
+
+test("split, group and merge say what they do", () => {
+  assert.equal(R.splitParts(0, 48), "part A would be empty: step right to the first frame of part B");
+  assert.equal(R.splitParts(12, 48), "part A: frames 0–11 · part B: frames 12–47");
+  const clip = { id: 7, state: "pending_review" };
+  assert.match(R.groupPlan(clip, { id: 5, state: "pending_review" }),
+    /^approve #7 and put it in a group with #5\. #5 is not approved by this: it stays pending review/);
+  assert.equal(R.groupPlan(clip, { id: 5, state: "review_approved" }), "approve #7 and put it in a group with #5.");
+  assert.match(R.mergePlan(null, null).error, /loading/);
+  assert.equal(R.mergePlan({ possible: false, target: null, reason: "no live clip right before this one" }, null).error,
+    "cannot merge: no live clip right before this one");
+  assert.deepEqual(R.mergePlan({ possible: true, target: 6, reason: null }, null), { ok: true, target: 6 });
+  assert.match(R.mergePlan({ possible: true, target: 6, reason: null }, 9).error, /only the clip right before \(#6\)/);
+  assert.equal(R.oneLine("first line\nsecond"), "first line");
+  assert.equal(R.oneLine("x".repeat(300)).length, 160);
 });
 
 test("keys map to the reviewer's commands", () => {
@@ -85,6 +124,8 @@ test("keys map to the reviewer's commands", () => {
   assert.equal(R.keyToAction(k("a"), { mode: "play", inInput: true }), null, "typing in an input");
   assert.equal(R.keyToAction(k("Escape"), { mode: "play", inInput: true }), "cancel");
   assert.equal(R.keyToAction(k("x"), play), null);
+  assert.equal(R.keyToAction(k("m"), play), "mute");
+  assert.equal(R.keyToAction(k("Enter"), { mode: "group", inInput: false }), "group", "Enter confirms a group");
 });
 
 test("split checks mirror the server: 1..n-1 and parts of at least 0.5 s", () => {
@@ -104,18 +145,14 @@ test("split checks mirror the server: 1..n-1 and parts of at least 0.5 s", () =>
 
 test("event bodies: split sends the clip-relative frame that is shown", () => {
   const clip = { id: 7, frame_count: 120, fps: 60, start_frame: 600 };
-  const L = layout(60, 24, 48);
-  const body = R.eventBody(clip, "split", { tile: 12, layout: L, target: null, reviewer: "ann" });
-  assert.deepEqual(body, { clip_id: 7, action: "split", payload: { frame: 31 }, reviewer: "ann" });
-  assert.equal(body.payload.frame, R.tileToFrame(12, L, 120));
-  assert.match(R.eventBody(clip, "split", { tile: 0, layout: L, reviewer: "ann" }).error, /cannot split at frame 1/);
-  assert.deepEqual(R.eventBody(clip, "merge", { tile: 0, layout: L, target: null, reviewer: "ann" }).payload, {});
-  assert.deepEqual(R.eventBody(clip, "merge", { tile: 0, layout: L, target: 6, reviewer: "ann" }).payload,
-    { target_clip_id: 6 });
-  assert.match(R.eventBody(clip, "group", { tile: 0, layout: L, target: null, reviewer: "ann" }).error, /choose/);
-  assert.deepEqual(R.eventBody(clip, "group", { tile: 0, layout: L, target: 9, reviewer: "ann" }).payload,
-    { target_clip_id: 9 });
-  assert.deepEqual(R.eventBody(clip, "approve", { tile: 5, layout: L, target: 9, reviewer: "ann" }).payload, {});
+  const body = R.eventBody(clip, "split", { frame: 31, target: null, reviewer: "ann", session: "abcdefgh1234" });
+  assert.deepEqual(body, { clip_id: 7, action: "split", payload: { frame: 31 }, reviewer: "ann", session: "abcdefgh1234" });
+  assert.match(R.eventBody(clip, "split", { frame: 0, reviewer: "ann" }).error, /cannot split at frame 0/);
+  assert.deepEqual(R.eventBody(clip, "merge", { frame: 0, target: null, reviewer: "ann" }).payload, {});
+  assert.deepEqual(R.eventBody(clip, "merge", { frame: 0, target: 6, reviewer: "ann" }).payload, { target_clip_id: 6 });
+  assert.match(R.eventBody(clip, "group", { frame: 0, target: null, reviewer: "ann" }).error, /choose/);
+  assert.deepEqual(R.eventBody(clip, "group", { frame: 0, target: 9, reviewer: "ann" }).payload, { target_clip_id: 9 });
+  assert.deepEqual(R.eventBody(clip, "approve", { frame: 5, target: 9, reviewer: "ann" }).payload, {});
 });
 
 test("ID mode accepts only live clips of the source", () => {
