@@ -37,10 +37,10 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from heaters_dagster.media.embedding import (  # noqa: E402
+from heaters_dagster.media.embedding import ClipEmbedder  # noqa: E402
+from heaters_dagster.media.embedding.weights import (  # noqa: E402
     DEFAULT_PRECISION,
     RANDOM_INIT_SEED,
-    ClipEmbedder,
     EmbeddingModelSpec,
     _open_clip,
 )

@@ -253,7 +253,7 @@ def sprite_layout(env: CheckEnv, clip_ids: list[int]) -> dict[int, CheckOutcome]
 def model_dimension(model_name: str) -> int | None:
     """The embedding dimension of an open_clip architecture (from its config; no weights)."""
     try:
-        from heaters_dagster.media.embedding import _open_clip
+        from heaters_dagster.media.embedding.weights import _open_clip
 
         cfg = _open_clip().get_model_config(model_name) or {}
     except Exception:  # noqa: BLE001 - unknown or unavailable: fall back to the stored rows

@@ -15,7 +15,9 @@ import torch
 from PIL import Image
 
 from heaters_dagster.errors import InvalidMediaError, PermanentError
-from heaters_dagster.media import embedding as emb
+from heaters_dagster.media.embedding import embedder as embedder_mod
+from heaters_dagster.media.embedding import quantize as quantize_mod
+from heaters_dagster.media.embedding import weights as weights_mod
 from heaters_dagster.media.embedding import (
     STRATEGIES,
     TINY_MODEL_NAME,
@@ -92,7 +94,7 @@ def reference_transform(embedder: ClipEmbedder):
     """open_clip's own eval transform for the embedder's model (what a naive loop uses)."""
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
-    oc = emb._open_clip()
+    oc = weights_mod._open_clip()
     return image_transform_v2(PreprocessCfg(**oc.get_model_preprocess_cfg(embedder.model)), is_train=False)
 
 
@@ -133,7 +135,7 @@ def test_default_precision_agrees_with_naive_fp32_open_clip_loop(vit, tmp_path):
     """The default (fast) path must stay in the fp32 model's vector space: cosine >= 0.99 per
     image against the naive per-image open_clip fp32 loop on the same weights."""
     if vit.precision == "int8":
-        assert vit.precision_check is not None and vit.precision_check["min_cosine"] >= emb.INT8_MIN_COSINE
+        assert vit.precision_check is not None and vit.precision_check["min_cosine"] >= quantize_mod.INT8_MIN_COSINE
     paths = [save_jpeg(pattern(k, seed=3), tmp_path / f"{k}.jpg") for k in range(0, 8, 2)]
     fast = vit.embed_images(paths)
     ref = reference_vectors(vit, paths)  # vit.model is the fp32 model with the same seeded weights
@@ -149,8 +151,8 @@ def test_random_weights_are_the_same_in_every_load(tiny):
     torch.manual_seed(42)
     again = ClipEmbedder._load_uncached(TINY)  # loading must not consume the caller's RNG
     assert torch.equal(torch.rand(3), expected_next)
-    torch.manual_seed(emb.RANDOM_INIT_SEED)
-    plain, _, _ = emb._open_clip().create_model_and_transforms(TINY_MODEL_NAME, pretrained=None)
+    torch.manual_seed(weights_mod.RANDOM_INIT_SEED)
+    plain, _, _ = weights_mod._open_clip().create_model_and_transforms(TINY_MODEL_NAME, pretrained=None)
     plain_sd = plain.state_dict()
     for (n1, p1), (n2, p2) in zip(again.model.state_dict().items(), tiny.model.state_dict().items()):
         assert n1 == n2 and torch.equal(p1, p2) and torch.equal(p1, plain_sd[n1]), n1
@@ -252,12 +254,12 @@ def _with_outlier_channels(visual, alpha: float = 100.0, seed: int = 0):
 
 
 def test_int8_smoothing_survives_activation_outliers(tiny):
-    x = tiny._to_batch([tiny._prepare(im) for im in emb.probe_images(64, 16)])
+    x = tiny._to_batch([tiny._prepare(im) for im in quantize_mod.probe_images(64, 16)])
     outlier = _with_outlier_channels(tiny.model.visual)
     ref = tiny._run_tower(outlier, x, "fp32")
     assert cos(ref, tiny._run_tower(tiny.model.visual, x, "fp32")).min() > 0.9999  # same function
-    plain = tiny._run_tower(emb.quantize_image_tower(outlier), x, "int8")
-    smoothed = tiny._run_tower(emb.quantize_image_tower(outlier, calib=x[:8]), x, "int8")
+    plain = tiny._run_tower(quantize_mod.quantize_image_tower(outlier), x, "int8")
+    smoothed = tiny._run_tower(quantize_mod.quantize_image_tower(outlier, calib=x[:8]), x, "int8")
     assert cos(ref, plain).min() < 0.99  # the hazard is real ...
     assert cos(ref, smoothed).min() > 0.995  # ... and smoothing removes it (on unseen images too)
 
@@ -272,7 +274,7 @@ def test_int8_embedder_on_outlier_checkpoint_agrees_with_fp32(tiny, tmp_path):
     int8 = ClipEmbedder._load_uncached(
         EmbeddingModelSpec(model_name=TINY_MODEL_NAME, checkpoint_path=str(ckpt), precision="int8")
     )
-    assert int8.precision == "int8" and int8.precision_check["min_cosine"] >= emb.INT8_MIN_COSINE
+    assert int8.precision == "int8" and int8.precision_check["min_cosine"] >= quantize_mod.INT8_MIN_COSINE
     images = [Image.fromarray(pattern(k, w=320, h=180, seed=7)) for k in range(8)]
     assert cos(fp32.embed_images(images), int8.embed_images(images)).min() > 0.99
 
@@ -286,8 +288,8 @@ def copy_with_visual(model, visual):
 
 
 def test_int8_falls_back_to_fp32_when_the_check_fails(monkeypatch, caplog):
-    monkeypatch.setattr(emb, "INT8_MIN_COSINE", 1.5)  # no int8 tower can pass this
-    with caplog.at_level("WARNING", logger=emb.__name__):
+    monkeypatch.setattr(quantize_mod, "INT8_MIN_COSINE", 1.5)  # no int8 tower can pass this
+    with caplog.at_level("WARNING", logger=embedder_mod.__name__):
         e = ClipEmbedder._load_uncached(
             EmbeddingModelSpec(model_name=TINY_MODEL_NAME, pretrained=None, precision="int8")
         )
@@ -434,7 +436,7 @@ def test_embed_clip_keyframes_failures(tiny, tmp_path):
 
 def _other_tiny_model():
     """A heaters-tiny-vit with weights different from the seeded default init."""
-    oc = emb._open_clip()
+    oc = weights_mod._open_clip()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1234)
         model, _, pre = oc.create_model_and_transforms(TINY_MODEL_NAME, pretrained=None)
@@ -467,7 +469,7 @@ def test_local_checkpoint_path_loads_those_weights(tiny, tmp_path, fmt):
             model.encode_image(torch.stack([pre(i) for i in images])), dim=-1
         ).numpy()
         want_text = torch.nn.functional.normalize(
-            model.encode_text(emb._open_clip().get_tokenizer(TINY_MODEL_NAME)(["a cat", "a car"])), dim=-1
+            model.encode_text(weights_mod._open_clip().get_tokenizer(TINY_MODEL_NAME)(["a cat", "a car"])), dim=-1
         ).numpy()
     np.testing.assert_allclose(got, want, atol=1e-5)
     np.testing.assert_allclose(loaded.embed_text(["a cat", "a car"]), want_text, atol=1e-5)
@@ -504,7 +506,7 @@ def test_missing_named_weights_offline_raise_actionable_permanent_error(tmp_path
         "laion/CLIP-ViT-B-32-laion2B-s34B-b79K",
     ):
         assert needle in msg, needle
-    assert spec not in emb._LOADED
+    assert spec not in embedder_mod._LOADED
 
 
 def test_named_weights_found_in_prepopulated_hf_cache_offline(tiny, tmp_path, monkeypatch):
@@ -536,7 +538,7 @@ def test_named_weights_found_in_prepopulated_hf_cache_offline(tiny, tmp_path, mo
         for name, p in loaded.model.state_dict().items():
             assert torch.equal(p, sd[name]), name
     finally:
-        emb._LOADED.pop(spec, None)
+        embedder_mod._LOADED.pop(spec, None)
 
 
 # ---------------------------------------------------------------------------------------------

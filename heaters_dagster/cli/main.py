@@ -162,7 +162,7 @@ def status(as_json: bool) -> None:
 
 
 @cli.command()
-@click.option("--fix", is_flag=True, help="Repair what can be repaired (see heaters_dagster/doctor.py).")
+@click.option("--fix", is_flag=True, help="Repair what can be repaired (see heaters_dagster/doctor/).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--orphan-grace", type=float, default=None,
               help="Seconds before an unreferenced store file or temp file counts "

