@@ -120,6 +120,9 @@ class Settings(BaseSettings):
         "http://127.0.0.1:8765", "where browsers reach the review page: the Dagster UI shows sprite previews "
         "from it and links each sprite materialization to `/clip/<id>` there", "`http://127.0.0.1:8765`")
     undo_window_s: Seconds = _setting(60.0, "how long a split/merge can be undone before it runs", "60")
+    auto_approve: bool = _setting(
+        False, "**benchmark only** (`bench/bench_e2e.py`): the review sensor approves every `pending_review` clip "
+        "as reviewer `auto-approve`; never set it where people review", "off")
     # -- embedding model (the embedding stage, `heaters search` and the review page's similar clips)
     clip_model: str = _setting("ViT-B-32", "open_clip architecture of the embedding model", "`ViT-B-32`")
     clip_pretrained: str = _setting(
