@@ -11,8 +11,8 @@ A temporary ``HEATERS_HOME`` gets the embedded Postgres, migrated; the clips are
 clips as they do in production), the partitions with ``add_dynamic_partitions``. Then a **fresh
 process** imports the sensor, builds a sensor context on that instance and evaluates it twice:
 the first tick (nothing requested yet: it reads the watched rows, the partition keys, and builds
-the run requests) and a second tick with the first one's cursor (steady state: everything
-already requested). Reported: wall time of each tick, the process's peak RSS (``ru_maxrss``,
+the run requests, at most 20 runs a tick) and a second tick with the first one's cursor (it
+requests the next ready items). Reported: wall time of each tick, the process's peak RSS (``ru_maxrss``,
 imports included) and its growth during the first tick. Baseline: the sensor's scan query alone,
 timed in the same process. Targets (issue 8): <= 2 s per tick, <= 300 MB.
 """
@@ -184,8 +184,9 @@ def summarize(doc: dict) -> list[dict]:
                baseline_name="scan query alone",
                note=f"{first['run_requests']} run requests, {first['items_requested']} items "
                     f"(scan limit {m['scan_limit']})"),
-        figure("steady tick (all requested)", second["tick_s"], "s", target=2.0, baseline=m["scan_query_s"],
-               baseline_name="scan query alone"),
+        figure("second tick (the first one's cursor)", second["tick_s"], "s", target=2.0,
+               baseline=m["scan_query_s"], baseline_name="scan query alone",
+               note=f"{second['run_requests']} more run requests, {second['items_requested']} items"),
         figure("peak RSS of the process", m["peak_rss_mib"] * 1.048576, "MB", target=300.0,
                baseline=m["peak_rss_before_mib"] * 1.048576, baseline_name="after imports, before the tick"),
     ]

@@ -161,6 +161,18 @@ class Settings(BaseSettings):
     recovery_interval_s: Count = _setting(15, "how often the recovery sensor looks for expired claims", "15")
     hygiene_interval_s: Count = _setting(1800, "how often the store hygiene sensor removes orphan and temp "
                                          "files past their grace and stale scratch folders", "1800")
+    # -- runs: launch cost (issue 8, part 3; measured by `heaters bench e2e`)
+    batch_wait_s: Seconds = _setting(
+        0.0, "stage sensors: while a stage has a run in flight, how long newly ready items are collected before "
+        "the next run is requested (from when the first is seen; a full batch goes at once; 0: every tick)", "0")
+    batch_size: Annotated[int, _number("a whole number", whole=True, minimum=0)] = _setting(
+        0, "stage sensors: how many ready items make a full batch (0: the stage's `max_partitions_per_run`)", "0")
+    inprocess_executor: bool = _setting(
+        False, "run each stage job's one step inside the run worker (Dagster's `in_process_executor`) instead of "
+        "a step subprocess of its own: one process launch and import less per run", "off")
+    dequeue_interval_s: Count = _setting(
+        1, "how often the daemon's run queue launches queued runs (`run_coordinator` in dagster.yaml; read by "
+        "`heaters dev`)", "1")
     # -- Dagster partitions
     max_partitions: Count = _setting(100_000, "the most keys the shared `clips` / `videos` partition sets keep "
                                      "(see \"Scale\")", "100000")
