@@ -282,3 +282,34 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+# -- `heaters bench embedding` (bench/common.py) -------------------------------------------------
+NAME = "embedding"
+DESCRIPTION = ("CLIP image embedding on CPU: a naive per-image open_clip loop against ClipEmbedder's default "
+               "(batched, int8) and fp32, same weights, same run; full: 256 images x 3 rounds, smoke: 8 images.")
+
+
+def summarize(doc: dict) -> list[dict]:
+    from common import figure
+
+    rows = {r["key"]: r for r in doc["rows"]}
+    naive = rows.get("naive", {})
+    figs = []
+    for key, r in rows.items():
+        if key == "naive":
+            continue
+        figs.append(figure(f"{key} ({r['precision']}) images/s", r["images_per_s"], "img/s",
+                           baseline=naive.get("images_per_s"), baseline_name="naive loop"))
+        figs.append(figure(f"{key} ({r['precision']}) min cosine vs fp32", r["cos_min"], "", target=0.995, kind="min",
+                           note="the load-time check falls back to fp32 under 0.995" if key == "auto" else ""))
+    return figs
+
+
+def run(smoke: bool, out_dir: Path) -> dict:
+    from common import run_script
+
+    args = ["--n", "8", "--repeats", "1"] if smoke else ["--repeats", "3"]
+    doc = run_script("bench_embedding.py", args, out_dir, NAME)
+    doc["figures"] = summarize(doc)
+    return doc

@@ -637,3 +637,36 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# -- `heaters bench search` (bench/common.py) ----------------------------------------------------
+NAME = "search"
+DESCRIPTION = ("pgvector HNSW search (search_vector) against the exact scan on the embedded Postgres; full: "
+               "100,000 clustered 512-d vectors, smoke: 2,000.")
+
+
+def summarize(doc: dict) -> list[dict]:
+    from common import figure
+
+    r = doc["results"]
+    exact = r["exact"]
+    figs = [figure("search_vector p95 latency (ef 100)", r["hnsw_ef100"]["p95_ms"], "ms", baseline=exact["p95_ms"],
+                   baseline_name="exact scan"),
+            figure("recall@10 (ef 100)", r["hnsw_ef100"]["recall_at_k"], "", baseline=exact["recall_at_k"],
+                   baseline_name="exact scan"),
+            figure("index used (idx scans / queries, ef 100)",
+                   r["hnsw_ef100"]["hnsw_idx_scans"] / max(1, r["hnsw_ef100"]["queries"]), "", target=1.0, kind="min")]
+    if "exact_filtered" in r and "hnsw_filtered_ef100" in r:
+        figs.append(figure("filtered (1 video) p95 latency", r["hnsw_filtered_ef100"]["p95_ms"], "ms",
+                           baseline=r["exact_filtered"]["p95_ms"], baseline_name="exact scan"))
+    return figs
+
+
+def run(smoke: bool, out_dir: Path) -> dict:
+    from common import run_script
+
+    args = (["--n", "2000", "--videos", "10", "--clusters", "20", "--queries", "20", "--exact-queries", "5",
+             "--ef", "100"] if smoke else ["--alt-index", "m=16, ef_construction=200"])
+    doc = run_script("bench_search.py", args, out_dir, NAME)
+    doc["figures"] = summarize(doc)
+    return doc

@@ -433,3 +433,39 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# -- `heaters bench splice` (bench/common.py) ----------------------------------------------------
+NAME = "splice"
+DESCRIPTION = ("Scene detection against a bare decode of the same generated source (with known cuts); "
+               "full: 60 min 1080p30 without cut_clips, smoke: 0.2 min 640x360 with cut_clips.")
+
+
+def summarize(doc: dict) -> list[dict]:
+    from common import figure
+
+    acc = doc.get("accuracy") or {}
+    cut = doc.get("cut_clips") or {}
+    figs = [
+        figure("detect / bare decode, wall", doc["detect_over_bare"], "x", target=1.5,
+               baseline=1.0, baseline_name="bare decode"),
+        figure("detect / bare decode, CPU time", doc.get("detect_over_bare_cpu"), "x", target=1.5, baseline=1.0,
+               baseline_name="bare decode"),
+        figure("detect_scenes wall", doc["detect_scenes"]["wall_s"], "s", baseline=doc["bare_decode"]["wall_s"],
+               baseline_name="bare decode"),
+        figure("detect peak RSS (Python + ffmpeg)", doc["detect_peak_rss_total_mib"], "MiB", target=1024),
+        figure("cuts found within +-1 frame", acc.get("matched_within_1", 0) / max(1, acc.get("true_cuts", 1)),
+               "fraction", target=1.0, kind="min", note=f"{acc.get('spurious', '?')} spurious"),
+    ]
+    if cut.get("wall_s"):
+        figs.append(figure("cut_clips wall", cut["wall_s"], "s", note=f"{cut.get('clips')} clips re-encoded"))
+    return figs
+
+
+def run(smoke: bool, out_dir: Path) -> dict:
+    from common import run_script
+
+    args = ["--minutes", "0.2", "--width", "640", "--height", "360"] if smoke else ["--no-cut"]
+    doc = run_script("bench_splice.py", args, out_dir, NAME)
+    doc["figures"] = summarize(doc)
+    return doc

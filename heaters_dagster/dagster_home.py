@@ -14,6 +14,10 @@ __all__ = ["prepare_dagster_home", "project_root"]
 def prepare_dagster_home() -> Path:
     """Create ``$HEATERS_HOME/dagster_home`` with the project's dagster.yaml and export DAGSTER_HOME
     (unless the operator set DAGSTER_HOME already)."""
+    from heaters_dagster.settings import get_settings
+
+    # dagster.yaml reads the run queue's interval from the environment (heaters dev's children inherit it).
+    os.environ["HEATERS_DEQUEUE_INTERVAL_S"] = str(get_settings().dequeue_interval_s)
     if os.environ.get("DAGSTER_HOME"):
         return Path(os.environ["DAGSTER_HOME"])
     home = heaters_home() / "dagster_home"

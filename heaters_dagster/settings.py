@@ -120,6 +120,9 @@ class Settings(BaseSettings):
         "http://127.0.0.1:8765", "where browsers reach the review page: the Dagster UI shows sprite previews "
         "from it and links each sprite materialization to `/clip/<id>` there", "`http://127.0.0.1:8765`")
     undo_window_s: Seconds = _setting(60.0, "how long a split/merge can be undone before it runs", "60")
+    auto_approve: bool = _setting(
+        False, "**benchmark only** (`bench/bench_e2e.py`): the review sensor approves every `pending_review` clip "
+        "as reviewer `auto-approve`; never set it where people review", "off")
     # -- embedding model (the embedding stage, `heaters search` and the review page's similar clips)
     clip_model: str = _setting("ViT-B-32", "open_clip architecture of the embedding model", "`ViT-B-32`")
     clip_pretrained: str = _setting(
@@ -158,6 +161,18 @@ class Settings(BaseSettings):
     recovery_interval_s: Count = _setting(15, "how often the recovery sensor looks for expired claims", "15")
     hygiene_interval_s: Count = _setting(1800, "how often the store hygiene sensor removes orphan and temp "
                                          "files past their grace and stale scratch folders", "1800")
+    # -- runs: launch cost (issue 8, part 3; measured by `heaters bench e2e`)
+    batch_wait_s: Seconds = _setting(
+        0.0, "stage sensors: while a stage has a run in flight, how long newly ready items are collected before "
+        "the next run is requested (from when the first is seen; a full batch goes at once; 0: every tick)", "0")
+    batch_size: Annotated[int, _number("a whole number", whole=True, minimum=0)] = _setting(
+        0, "stage sensors: how many ready items make a full batch (0: the stage's `max_partitions_per_run`)", "0")
+    inprocess_executor: bool = _setting(
+        False, "run each stage job's one step inside the run worker (Dagster's `in_process_executor`) instead of "
+        "a step subprocess of its own: one process launch and import less per run", "off")
+    dequeue_interval_s: Count = _setting(
+        1, "how often the daemon's run queue launches queued runs (`run_coordinator` in dagster.yaml; read by "
+        "`heaters dev`)", "1")
     # -- Dagster partitions
     max_partitions: Count = _setting(100_000, "the most keys the shared `clips` / `videos` partition sets keep "
                                      "(see \"Scale\")", "100000")

@@ -223,3 +223,21 @@ def test_rejected_event_changes_nothing_else_in_its_transaction(db, instance, cl
     assert (row_of(db, "clip", a).state, row_of(db, "clip", a).group_id) == ("pending_review", None)
     with db.session() as s:
         assert all(ev.processed_at is not None for ev in s.execute(select(ReviewEvent)).scalars())
+
+
+def test_auto_approve_setting_approves_every_pending_clip_once_and_only_when_set(db, instance, clips, monkeypatch):
+    _, ids = clips
+    _tick(db, instance)  # off by default: nothing happens to pending clips
+    assert {row_of(db, "clip", i).state for i in ids} == {"pending_review"}
+    monkeypatch.setenv("HEATERS_AUTO_APPROVE", "1")
+    skip = _event(db, ids[0], "skip")  # a reviewer's own pending event is applied, not overridden
+    result = _tick(db, instance)
+    assert row_of(db, "clip", ids[0]).state == "review_skipped" and _outcome(db, skip) == ("applied", None)
+    assert [row_of(db, "clip", i).state for i in ids[1:]] == ["review_approved"] * 3
+    with db.session() as s:
+        auto = s.execute(select(ReviewEvent).where(ReviewEvent.reviewer == "auto-approve")).scalars().all()
+    assert sorted(e.clip_id for e in auto) == ids[1:] and {e.outcome for e in auto} == {"applied"}
+    assert {m.partition for m in result.asset_events} >= {str(i) for i in ids[1:]}
+    _tick(db, instance, result.cursor)  # nothing pending any more: no second approval
+    with db.session() as s:
+        assert len(s.execute(select(ReviewEvent).where(ReviewEvent.reviewer == "auto-approve")).all()) == 3

@@ -138,3 +138,75 @@ def test_bridging_is_bounded_by_max_gap():
     assert contiguous_chunks(order, ["1", "5", "9"], 10, max_gap=5) == [["1", "5"], ["9"]]
     assert contiguous_chunks(order, ["1", "2", "3"], 2, max_gap=10) == [["1", "2"], ["3"]]
     assert contiguous_chunks(order, ["1", "3", "5"], 10, max_gap=10, barriers=["4"]) == [["1", "3"], ["5"]]
+
+
+# -- batching (HEATERS_BATCH_WAIT_S / HEATERS_BATCH_SIZE) ------------------------------------------
+def _batch_tick(instance, db, cursor, now, stage=SPRITE):
+    from heaters_dagster.sensors.factory import evaluate_stage_sensor
+
+    with dg.build_sensor_context(instance=instance, cursor=cursor, resources={"database": db}) as ctx:
+        result = evaluate_stage_sensor(ctx, stage, db, now=now)
+    for req in result.dynamic_partitions_requests or []:
+        instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
+    return result
+
+
+def _requested_ids(result, instance, stage=SPRITE):
+    keys = instance.get_dynamic_partitions(stage.partitions_name)
+    out = []
+    for req in result.run_requests or []:
+        a, *b = _partitions(req)
+        lo, hi = keys.index(a), keys.index(b[0] if b else a)
+        out.extend(int(k) for k in keys[lo:hi + 1])
+    return out
+
+
+def test_items_arriving_within_the_batch_window_share_one_run_and_none_is_requested_twice(db, instance,
+                                                                                            monkeypatch):
+    monkeypatch.setenv("HEATERS_BATCH_WAIT_S", "10")
+    vid = make_video(db)
+    (running,) = make_clips(db, vid, [(0, 24)])
+    r0 = _batch_tick(instance, db, None, now=990.0)  # nothing in flight: requested at once
+    assert _requested_ids(r0, instance) == [running]
+    first = make_clips(db, vid, [(24, 48), (48, 60)])  # ready while that run is in flight
+    r1 = _batch_tick(instance, db, r0.cursor, now=1000.0)  # the window opens: nothing requested yet
+    assert not r1.run_requests and "collecting" in r1.skip_reason.skip_message
+    second = make_clips(db, vid, [(60, 72), (72, 96), (96, 120)])  # more arrive within the window
+    r2 = _batch_tick(instance, db, r1.cursor, now=1006.0)
+    assert not r2.run_requests
+    r3 = _batch_tick(instance, db, r2.cursor, now=1010.5)  # the window is over: one run for all five
+    assert len(r3.run_requests) == 1
+    assert sorted(_requested_ids(r3, instance)) == sorted(first + second)
+    # Later ticks never request them again, whatever the clock says.
+    r4 = _batch_tick(instance, db, r3.cursor, now=1030.0)
+    r5 = _batch_tick(instance, db, r4.cursor, now=1100.0)
+    assert not r4.run_requests and not r5.run_requests
+    # While those are in flight, a newly ready clip opens a new window of its own.
+    (late,) = make_clips(db, vid, [(120, 144)])
+    r6 = _batch_tick(instance, db, r5.cursor, now=1101.0)
+    assert not r6.run_requests
+    r7 = _batch_tick(instance, db, r6.cursor, now=1111.0)
+    assert _requested_ids(r7, instance) == [late]
+    # Once nothing of the stage is in flight any more, a ready clip goes at the next tick.
+    with db.session() as s:
+        for cid in (running, *first, *second, late):
+            transition(s, "clip", cid, "spliced", "sprite_failed")
+    (alone,) = make_clips(db, vid, [(144, 168)])
+    r8 = _batch_tick(instance, db, r7.cursor, now=1112.0)
+    assert _requested_ids(r8, instance) == [alone]
+
+
+def test_a_full_batch_is_requested_at_once_and_without_a_window_every_tick_requests(db, instance, monkeypatch):
+    monkeypatch.setenv("HEATERS_BATCH_WAIT_S", "60")
+    monkeypatch.setenv("HEATERS_BATCH_SIZE", "3")
+    vid = make_video(db)
+    (running,) = make_clips(db, vid, [(0, 12)])
+    r0 = _batch_tick(instance, db, None, now=0.0)
+    assert _requested_ids(r0, instance) == [running]
+    ids = make_clips(db, vid, [(12, 24), (24, 48), (48, 72)])
+    r1 = _batch_tick(instance, db, r0.cursor, now=1.0)  # three ready = a full batch: no waiting
+    assert sorted(_requested_ids(r1, instance)) == ids
+    monkeypatch.setenv("HEATERS_BATCH_WAIT_S", "0")
+    (more,) = make_clips(db, vid, [(72, 96)])
+    r2 = _batch_tick(instance, db, r1.cursor, now=2.0)  # runs in flight, but no window
+    assert _requested_ids(r2, instance) == [more]

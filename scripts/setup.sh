@@ -35,5 +35,5 @@ fi
 if ! .venv/bin/python -c "import torch, torchvision" >/dev/null 2>&1; then
   .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
 fi
-.venv/bin/python -m pip install -q -e ".[test]"
+.venv/bin/python -m pip install -q -e ".[test,bench]"
 echo "setup: done ($(.venv/bin/python -c 'import dagster; print("dagster", dagster.__version__)'); $(ffmpeg -version | head -n1))"

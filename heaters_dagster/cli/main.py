@@ -418,6 +418,11 @@ def dev(ctx: click.Context) -> None:
     sys.exit(code)
 
 
+from heaters_dagster.cli.bench import bench_cmd  # noqa: E402
+
+cli.add_command(bench_cmd)
+
+
 def _exit_on_signals(*signums: int) -> None:
     def handler(signum: int, _frame: object) -> None:
         raise SystemExit(128 + signum)

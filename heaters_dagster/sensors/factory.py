@@ -21,6 +21,7 @@ launch the same work twice.
 import bisect
 import hashlib
 import json
+import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
@@ -40,16 +41,31 @@ MAX_RUNS_PER_TICK = 20
 @dataclass
 class StageCursor:
     requested: dict[str, int] = field(default_factory=dict)  # item id -> version requested
+    # Batching (HEATERS_BATCH_WAIT_S): when the oldest ready, not yet requested item was first seen.
+    waiting_since: float | None = None
 
     @classmethod
     def parse(cls, raw: "str | None") -> "StageCursor":
         if not raw:
             return cls()
         data = json.loads(raw)
-        return cls(requested={str(k): int(v) for k, v in data.get("requested", {}).items()})
+        since = data.get("waiting_since")
+        return cls(requested={str(k): int(v) for k, v in data.get("requested", {}).items()},
+                   waiting_since=float(since) if since is not None else None)
 
     def dump(self) -> str:
-        return json.dumps({"requested": self.requested}, sort_keys=True)
+        data: dict[str, Any] = {"requested": self.requested}
+        if self.waiting_since is not None:
+            data["waiting_since"] = self.waiting_since
+        return json.dumps(data, sort_keys=True)
+
+
+def batch_settings(stage: Stage) -> tuple[float, int]:
+    """(window in seconds, full batch size) for a stage sensor: HEATERS_BATCH_WAIT_S / _SIZE."""
+    from heaters_dagster.settings import get_settings
+
+    s = get_settings()
+    return s.batch_wait_s, s.batch_size or stage.max_partitions_per_run
 
 
 def contiguous_chunks(keys_in_order: Sequence[str], wanted: Sequence[str], max_len: int,
@@ -91,8 +107,10 @@ def run_request_for(stage: Stage, chunk: list[str], versions: dict[str, int]) ->
     )
 
 
-def evaluate_stage_sensor(context: Any, stage: Stage, database: DatabaseResource) -> dg.SensorResult:
+def evaluate_stage_sensor(context: Any, stage: Stage, database: DatabaseResource, *,
+                          now: float | None = None) -> dg.SensorResult:
     cursor = StageCursor.parse(context.cursor)
+    now = time.time() if now is None else now
     model = MODELS[stage.entity]
     watched = (*stage.input_states, stage.in_progress_state)
     ready_expr = literal_column(f"({stage.ready_sql})" if stage.ready_sql else "true")
@@ -107,6 +125,24 @@ def evaluate_stage_sensor(context: Any, stage: Stage, database: DatabaseResource
     live = {str(r.id) for r in rows}
     cursor.requested = {k: v for k, v in cursor.requested.items() if k in live}
 
+    # Batching: while this stage has work in flight (a run requested or running), collect newly
+    # ready items over a short window, so items that become ready over several ticks (approvals,
+    # the clips of a sprite run as they commit) share one run and pay one launch; they would wait
+    # behind the run in flight anyway. The window opens when such an item is first seen; a full
+    # batch or the window's end requests the runs. A stage with nothing in flight requests at once.
+    wait_s, full = batch_settings(stage)
+    in_flight = any(k in live and k not in ready for k in cursor.requested)
+    if not ready:
+        cursor.waiting_since = None
+    elif wait_s > 0 and len(ready) < full and in_flight:
+        if cursor.waiting_since is None:
+            cursor.waiting_since = now
+        if now - cursor.waiting_since < wait_s:
+            return dg.SensorResult(
+                skip_reason=dg.SkipReason(f"collecting ready {stage.entity}s for {stage.name}: {len(ready)} so far, "
+                                          f"{wait_s - (now - cursor.waiting_since):.1f} s of the window left"),
+                cursor=cursor.dump())
+
     existing = context.instance.get_dynamic_partitions(stage.partitions_name)
     known = set(existing)
     new_keys = [k for k in sorted(ready, key=int) if k not in known]
@@ -118,6 +154,8 @@ def evaluate_stage_sensor(context: Any, stage: Stage, database: DatabaseResource
     for chunk in chunks:
         for k in chunk:
             cursor.requested[k] = ready[k]
+    # Items left over (more than MAX_RUNS_PER_TICK runs' worth) go at the next tick without a new window.
+    cursor.waiting_since = None if len(ready) == sum(map(len, chunks)) else cursor.waiting_since
     partition_requests = [dg.AddDynamicPartitionsRequest(stage.partitions_name, new_keys)] if new_keys else []
     if not requests:
         return dg.SensorResult(skip_reason=dg.SkipReason(f"no {stage.entity}s ready for {stage.name}"),
