@@ -253,8 +253,10 @@ def job_name(stage: Stage) -> str:
 
 def build_stage_job(stage: Stage) -> "dg.JobDefinition | object":
     """One job per stage (what its sensor launches and what the UI shows per stage)."""
+    from heaters_dagster.scaleout import stage_executor_def
+
     return dg.define_asset_job(job_name(stage), selection=[stage.asset_name], partitions_def=partitions_def_for(stage),
-                               tags={"heaters/stage": stage.name})
+                               tags={"heaters/stage": stage.name}, executor_def=stage_executor_def())
 
 
 def build_stage_jobs(stages: tuple[Stage, ...] = STAGES) -> list:

@@ -91,6 +91,14 @@ def run_request_for(stage: Stage, chunk: list[str], versions: dict[str, int]) ->
     )
 
 
+def partitions_per_run(stage: Stage) -> int:
+    """The stage's ``max_partitions_per_run``, capped by ``HEATERS_MAX_PARTITIONS_PER_RUN``."""
+    from heaters_dagster.settings import get_settings
+
+    cap = get_settings().max_partitions_per_run
+    return min(stage.max_partitions_per_run, cap) if cap else stage.max_partitions_per_run
+
+
 def evaluate_stage_sensor(context: Any, stage: Stage, database: DatabaseResource) -> dg.SensorResult:
     cursor = StageCursor.parse(context.cursor)
     model = MODELS[stage.entity]
@@ -112,7 +120,7 @@ def evaluate_stage_sensor(context: Any, stage: Stage, database: DatabaseResource
     new_keys = [k for k in sorted(ready, key=int) if k not in known]
     order = list(existing) + new_keys
     busy = live - set(ready)  # requested and not started, or in flight: another run's work
-    chunks = contiguous_chunks(order, list(ready), stage.max_partitions_per_run, stage.max_gap,
+    chunks = contiguous_chunks(order, list(ready), partitions_per_run(stage), stage.max_gap,
                                barriers=busy)[:MAX_RUNS_PER_TICK]
     requests = [run_request_for(stage, chunk, ready) for chunk in chunks]
     for chunk in chunks:
