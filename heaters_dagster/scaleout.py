@@ -1,4 +1,5 @@
-"""Where stage steps run: this host's processes, or Celery workers (``HEATERS_EXECUTOR=celery``).
+"""Where stage steps run: this host's processes, Celery workers (``HEATERS_EXECUTOR=celery``) or
+Kubernetes pods (``HEATERS_EXECUTOR=k8s``, dagster-k8s's ``k8s_job_executor``; ``deploy/k8s/``).
 
 With ``celery`` every stage job uses dagster-celery's ``celery_executor``: the run worker that the
 daemon launches hands each step to the broker (``HEATERS_CELERY_BROKER_URL``) and any ``heaters
@@ -30,15 +31,44 @@ def executor_config(settings: Settings | None = None) -> dict[str, Any]:
     return {"broker": s.celery_broker_url, "backend": s.celery_backend, "config_source": dict(CELERY_CONFIG)}
 
 
-def stage_executor_def(settings: Settings | None = None) -> Any:
-    """The executor of the stage jobs: ``None`` (Dagster's default, multiprocess on this host) or
-    ``celery_executor`` configured from the settings."""
-    s = settings or get_settings()
-    if s.executor != "celery":
-        return None
-    from dagster_celery import celery_executor
+# Kubernetes resources of each stage's step pod (``HEATERS_EXECUTOR=k8s``), sized from the measured
+# peaks in bench/results/ (bench/results/celery_scale.md, "Sizing"): 1080p splice is detection
+# (Python 59 MiB + ffmpeg 87 MiB) then up to HEATERS_MAX_FFMPEG=2 x264 cuts at 311 MiB each;
+# ingest's normalise is one x264 encode of the same size; embedding holds ViT-B-32 and torch.
+STEP_RESOURCES: dict[str, dict[str, dict[str, str]]] = {
+    "ingest": {"requests": {"cpu": "2", "memory": "1Gi"}, "limits": {"memory": "2Gi"}},
+    "splice": {"requests": {"cpu": "2", "memory": "1Gi"}, "limits": {"memory": "2Gi"}},
+    "sprite": {"requests": {"cpu": "1", "memory": "512Mi"}, "limits": {"memory": "1Gi"}},
+    "keyframes": {"requests": {"cpu": "1", "memory": "512Mi"}, "limits": {"memory": "1Gi"}},
+    "embedding": {"requests": {"cpu": "2", "memory": "2Gi"}, "limits": {"memory": "3Gi"}},
+    "split": {"requests": {"cpu": "1", "memory": "768Mi"}, "limits": {"memory": "1536Mi"}},
+    "merge": {"requests": {"cpu": "1", "memory": "768Mi"}, "limits": {"memory": "1536Mi"}},
+    "archive": {"requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"memory": "512Mi"}},
+}
 
-    return celery_executor.configured(executor_config(s), name="heaters_celery")
+
+def k8s_executor_config(settings: Settings | None = None) -> dict[str, Any]:
+    """The ``k8s_job_executor`` config: the settings' Secret on every step pod, and each stage's
+    step (its key is the stage name) with its own requests and limits."""
+    s = settings or get_settings()
+    return {"env_secrets": [s.k8s_env_secret],
+            "per_step_k8s_config": {name: {"container_config": {"resources": res}}
+                                    for name, res in STEP_RESOURCES.items()}}
+
+
+def stage_executor_def(settings: Settings | None = None) -> Any:
+    """The executor of the stage jobs: ``None`` (Dagster's default, multiprocess on this host),
+    ``celery_executor`` or ``k8s_job_executor``, configured from the settings."""
+    s = settings or get_settings()
+    if s.executor == "celery":
+        from dagster_celery import celery_executor
+
+        return celery_executor.configured(executor_config(s), name="heaters_celery")
+    if s.executor == "k8s":
+        from dagster_k8s import k8s_job_executor
+
+        return k8s_job_executor.configured(k8s_executor_config(s), name="heaters_k8s")
+    return None
 
 
 def celery_app(settings: Settings | None = None) -> Any:

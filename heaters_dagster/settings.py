@@ -117,9 +117,13 @@ class Settings(BaseSettings):
         None, "the S3 API endpoint of an S3-compatible store (MinIO, Ceph, moto); credentials come from the "
         "usual `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY`", "AWS")
     # -- where stage steps run (README: "Scaling out")
-    executor: Literal["multiprocess", "celery"] = _setting(
-        "multiprocess", "where stage jobs run their steps: `multiprocess` (this host) or `celery` (on `heaters "
-        "worker` processes over the broker below)", "`multiprocess`")
+    executor: Literal["multiprocess", "celery", "k8s"] = _setting(
+        "multiprocess", "where stage jobs run their steps: `multiprocess` (this host), `celery` (on `heaters "
+        "worker` processes over the broker below) or `k8s` (one Kubernetes pod per step; `deploy/k8s/`)",
+        "`multiprocess`")
+    k8s_env_secret: str = _setting("heaters-env", "`k8s`: the Kubernetes Secret whose keys become every step "
+                                   "pod's environment (the `HEATERS_…` settings, database and S3 credentials)",
+                                   "`heaters-env`")
     celery_broker_url: str = _setting("redis://127.0.0.1:6379/0", "the Celery broker the stage jobs and `heaters "
                                       "worker` use", "`redis://127.0.0.1:6379/0`")
     celery_backend_url: str | None = _setting(None, "the Celery result backend", "the broker URL")
