@@ -34,13 +34,14 @@ def executor_config(settings: Settings | None = None) -> dict[str, Any]:
 # Kubernetes resources of each stage's step pod (``HEATERS_EXECUTOR=k8s``), sized from the measured
 # peaks in bench/results/ (bench/results/celery_scale.md, "Sizing"): 1080p splice is detection
 # (Python 59 MiB + ffmpeg 87 MiB) then up to HEATERS_MAX_FFMPEG=2 x264 cuts at 311 MiB each;
-# ingest's normalise is one x264 encode of the same size; embedding holds ViT-B-32 and torch.
+# ingest's normalise is one x264 encode of the same size; embedding holds ViT-B-32 and torch
+# (2.1 GiB measured on a Celery worker with int8 quantisation; bench/results/celery_scale.json).
 STEP_RESOURCES: dict[str, dict[str, dict[str, str]]] = {
     "ingest": {"requests": {"cpu": "2", "memory": "1Gi"}, "limits": {"memory": "2Gi"}},
     "splice": {"requests": {"cpu": "2", "memory": "1Gi"}, "limits": {"memory": "2Gi"}},
     "sprite": {"requests": {"cpu": "1", "memory": "512Mi"}, "limits": {"memory": "1Gi"}},
     "keyframes": {"requests": {"cpu": "1", "memory": "512Mi"}, "limits": {"memory": "1Gi"}},
-    "embedding": {"requests": {"cpu": "2", "memory": "2Gi"}, "limits": {"memory": "3Gi"}},
+    "embedding": {"requests": {"cpu": "2", "memory": "2560Mi"}, "limits": {"memory": "3Gi"}},
     "split": {"requests": {"cpu": "1", "memory": "768Mi"}, "limits": {"memory": "1536Mi"}},
     "merge": {"requests": {"cpu": "1", "memory": "768Mi"}, "limits": {"memory": "1536Mi"}},
     "archive": {"requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"memory": "512Mi"}},
