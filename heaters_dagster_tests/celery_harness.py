@@ -394,29 +394,29 @@ class _NullLog:
         pass
 
 
-def in_progress_owners(database_url: str, state: str) -> list[tuple[int, str]]:
-    """(clip id, claim owner) of clips now in ``state`` with a claim."""
-    from sqlalchemy import text
+def in_progress_owners(database_url: str, states: tuple[str, ...]) -> list[tuple[int, str]]:
+    """(clip id, claim owner) of clips now in one of ``states`` with a claim."""
+    from sqlalchemy import bindparam, text
 
     from heaters_dagster.database.engine import get_engine
 
     with get_engine(database_url).connect() as conn:
         return [(int(r[0]), r[1]) for r in conn.execute(
-            text("SELECT id, claim_owner FROM clips WHERE state = :s AND claim_owner IS NOT NULL ORDER BY id"),
-            {"s": state})]
+            text("SELECT id, claim_owner FROM clips WHERE state IN :s AND claim_owner IS NOT NULL ORDER BY id")
+            .bindparams(bindparam("s", expanding=True)), {"s": list(states)})]
 
 
-def kill_when_claimed(database_url: str, state: str, pids: Callable[[], set[int]], *,
-                      timeout: float = 120.0) -> threading.Thread:
-    """A thread that waits until a clip is claimed in ``state`` by one of ``pids()`` (the pid in
-    its claim owner) and SIGKILLs that process mid-task. ``thread.killed`` then holds
+def kill_when_claimed(database_url: str, states: tuple[str, ...], pids: Callable[[], set[int]], *,
+                      timeout: float = 180.0) -> threading.Thread:
+    """A thread that waits until a clip is claimed in one of ``states`` by one of ``pids()`` (the
+    pid in its claim owner) and SIGKILLs that process mid-task. ``thread.killed`` then holds
     ``(clip id, owner)`` or None."""
     from heaters_dagster.leases import owner_pid
 
     def run() -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and not thread.stop.is_set():
-            for clip_id, owner in in_progress_owners(database_url, state):
+            for clip_id, owner in in_progress_owners(database_url, states):
                 pid = owner_pid(owner)
                 if pid and pid in pids():  # the claim lives only while the step works on the item
                     try:

@@ -4,8 +4,8 @@ and two ``heaters worker`` processes on loopback run the pipeline from submit to
 with the artifact store on S3 and the Dagster instance on PostgreSQL. The clips, artifacts and
 vectors equal those of an in-process single-host run on the same inputs; no item is processed
 twice; both workers did steps; and a worker process killed mid-step (SIGKILL of the pid in the
-claim owner) is recovered: its run fails, ``release_failed_runs`` hands its items back and a
-live worker embeds them.
+claim owner, during keyframes or embedding) is recovered: Celery reports the task lost, its run
+fails, ``release_failed_runs`` hands its items back and a live worker does them.
 
 Everything is started once for the module (broker, S3 server, workers) and killed on teardown.
 """
@@ -129,7 +129,8 @@ def cluster(db_url, baseline, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def celery_run(cluster, db_url, videos):
-    """Submit to embedded over Celery; one worker process is killed in the middle of an embedding step."""
+    """Submit to embedded over Celery; one worker process is killed in the middle of a keyframes or
+    embedding step (the first it is seen holding a claim of)."""
     _truncate(db_url)
     db, store = DatabaseResource(url=db_url), cluster.store()
     _submit_all(db, store, videos)
@@ -137,7 +138,7 @@ def celery_run(cluster, db_url, videos):
     driver.run_until_idle(settle_s=1.0)
     assert db and _approve_all(db) > 0
     worker_pids = lambda: set().union(*(w.pids() for w in cluster.workers)) - {w.proc.pid for w in cluster.workers}
-    killer = kill_when_claimed(db_url, "embedding", worker_pids)
+    killer = kill_when_claimed(db_url, ("keyframing", "embedding"), worker_pids)
     try:
         driver.run_until_idle(settle_s=1.0)
     finally:
@@ -192,11 +193,11 @@ def test_no_item_processed_twice_and_both_workers_worked(celery_run):
 
 def test_worker_killed_mid_task_is_recovered(celery_run, cluster):
     killed = celery_run["killed"]
-    assert killed is not None, "no embedding step was caught in flight"
+    assert killed is not None, "no keyframes/embedding step was caught in flight"
     clip_id, owner = killed
     driver = celery_run["driver"]
     failed = [r for r in driver.runs if not r.success]
-    assert failed and all(r.stage == "embedding" for r in failed), failed
+    assert failed and all(r.stage in ("keyframes", "embedding") for r in failed), failed
     with celery_run["db"].session() as s:
         clip = s.get(Clip, clip_id)
         assert clip.state == "embedded" and clip.claim_owner is None
