@@ -44,3 +44,10 @@ def build_definitions(**resource_overrides: object) -> dg.Definitions:
 
 
 defs = build_definitions()
+
+
+def load_definitions() -> dg.Definitions:
+    """The definitions built now, from the settings in force: a target for a reconstructable code
+    pointer (``heaters_dagster.definitions:load_definitions``) whose every load, in the run worker and
+    in each Celery worker, reads the configuration afresh."""
+    return build_definitions()

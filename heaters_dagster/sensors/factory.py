@@ -65,7 +65,7 @@ def batch_settings(stage: Stage) -> tuple[float, int]:
     from heaters_dagster.settings import get_settings
 
     s = get_settings()
-    return s.batch_wait_s, s.batch_size or stage.max_partitions_per_run
+    return s.batch_wait_s, s.batch_size or partitions_per_run(stage)
 
 
 def contiguous_chunks(keys_in_order: Sequence[str], wanted: Sequence[str], max_len: int,
@@ -105,6 +105,14 @@ def run_request_for(stage: Stage, chunk: list[str], versions: dict[str, int]) ->
         tags={ASSET_PARTITION_RANGE_START_TAG: chunk[0], ASSET_PARTITION_RANGE_END_TAG: chunk[-1],
               "heaters/stage": stage.name, "heaters/items": str(len(chunk)), REQUESTED_BY_TAG: "sensor"},
     )
+
+
+def partitions_per_run(stage: Stage) -> int:
+    """The stage's ``max_partitions_per_run``, capped by ``HEATERS_MAX_PARTITIONS_PER_RUN``."""
+    from heaters_dagster.settings import get_settings
+
+    cap = get_settings().max_partitions_per_run
+    return min(stage.max_partitions_per_run, cap) if cap else stage.max_partitions_per_run
 
 
 def evaluate_stage_sensor(context: Any, stage: Stage, database: DatabaseResource, *,
@@ -148,7 +156,7 @@ def evaluate_stage_sensor(context: Any, stage: Stage, database: DatabaseResource
     new_keys = [k for k in sorted(ready, key=int) if k not in known]
     order = list(existing) + new_keys
     busy = live - set(ready)  # requested and not started, or in flight: another run's work
-    chunks = contiguous_chunks(order, list(ready), stage.max_partitions_per_run, stage.max_gap,
+    chunks = contiguous_chunks(order, list(ready), partitions_per_run(stage), stage.max_gap,
                                barriers=busy)[:MAX_RUNS_PER_TICK]
     requests = [run_request_for(stage, chunk, ready) for chunk in chunks]
     for chunk in chunks:
