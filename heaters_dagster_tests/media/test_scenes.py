@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from heaters_dagster.errors import InvalidMediaError
-from heaters_dagster.media import scenes as scenes_mod
+from heaters_dagster.media.scenes import stream as scenes_mod
 from heaters_dagster.media.ffmpeg_tools import ffmpeg_bin
 from heaters_dagster.media.scenes import (
     SceneDetectionResult,
