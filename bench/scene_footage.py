@@ -352,7 +352,7 @@ def _film_pieces(name: str, smoke: bool) -> Callable[[random.Random, int], np.nd
         path = trailer_path() if name == "trailer" else globe_path()
         if path is None:
             raise RuntimeError(f"film {name} is not installed")
-        frames = decode_rgb(path, 1800 if (smoke and name == "trailer") else None)
+        frames = decode_rgb(path)  # smoke and full share the mined interiors (cached)
         fps = 25.0 if name == "trailer" else 60.0
         films = [frames]
         runs = [(0, a, b) for a, b in shot_interiors(path, name, len(frames), fps)]

@@ -76,17 +76,9 @@ def test_gradual_transition_gives_exactly_one_boundary(media: Path, kind: str) -
     assert det.network_frames < det.frame_count  # the network saw windows, not the whole video
 
 
-def test_stream_detector_alone_does_not_give_one_boundary_in_a_cross_fade(media: Path) -> None:
-    # premise of the test above: the small-frame pass alone does not get this right
-    path = media / "fade_stream.mp4"
-    lo, hi = _transition(path, "testsrc2", "smptehdbars", "fade")
-    det = detect_scenes(path, detector="stream", min_scene_s=0.0)
-    assert len(_inside(det.cut_frames, lo, hi)) != 1 or len(det.cut_frames) != 1
-
-
 def test_white_flash_and_camera_shake_are_not_cuts(media: Path) -> None:
     # one moving pattern with a one-frame and a two-frame white flash and a 12-frame burst of
-    # camera shake (random shift, zoom and rotation per frame), then a real cut
+    # camera shake (random shift, zoom and rotation per frame), then a real cut at frame 100
     import cv2
 
     src = media / "base.mp4"
@@ -98,7 +90,7 @@ def test_white_flash_and_camera_shake_are_not_cuts(media: Path) -> None:
     for f in (20, 60, 61):
         frames[f] = np.clip(frames[f].astype(np.int16) + 200, 0, 255).astype(np.uint8)
     rng = random.Random(3)
-    for f in range(70, 82):
+    for f in range(76, 88):
         m = cv2.getRotationMatrix2D((160, 90), rng.uniform(-4, 4), rng.uniform(1.05, 1.2))
         m[:, 2] += (rng.uniform(-25, 25), rng.uniform(-14, 14))
         frames[f] = cv2.warpAffine(frames[f], m, (320, 180), borderMode=cv2.BORDER_REFLECT)
@@ -109,7 +101,8 @@ def test_white_flash_and_camera_shake_are_not_cuts(media: Path) -> None:
     proc.communicate(frames.tobytes())
     assert proc.returncode == 0
     sc = score_frames(path)
-    assert sc.score[70] > 0.1 and sc.score[20] > 0.1  # the effects are loud frame to frame
+    calm = float(np.median(sc.score[30:58]))
+    assert sc.score[76] > 3 * calm and sc.score[20] > 10 * calm  # the effects are loud frame to frame
     det = detect_scenes(path, min_scene_s=0.0)
     assert len(det.cut_frames) == 1 and abs(det.cut_frames[0] - 100) <= 1, det.cut_frames
 

@@ -28,8 +28,9 @@ import numpy as np
 from heaters_dagster.media.scenes.stream import FrameScores
 
 DEFAULTS = dict(
-    sure_score=0.16, sure_ratio=6.0, sure_persist=0.6, cand_score=0.03, cand_ratio=1.6,
-    grad_score=0.10, grad_ratio=1.8, far_gap=16, window=24, net_threshold=0.5, min_gap=4,
+    sure_score=0.04, sure_ratio=7.0, sure_persist=0.5, cand_score=0.04, cand_ratio=3.0, cand_persist=0.4,
+    grad_score=0.10, grad_ratio=1.4, far_gap=16, hard_window=32, grad_window=48, hard_threshold=0.3,
+    grad_threshold=0.35, min_gap=4,
 )
 
 
@@ -43,89 +44,94 @@ class HybridDecision:
 
 def _local_max(x: np.ndarray, radius: int) -> np.ndarray:
     n = len(x)
+    if not n:
+        return np.zeros(0, bool)
     pad = np.concatenate([np.full(radius, -np.inf), np.nan_to_num(x, nan=-np.inf), np.full(radius, -np.inf)])
     win = np.lib.stride_tricks.sliding_window_view(pad, 2 * radius + 1)
-    return (x >= win.max(axis=1)) & np.isfinite(x) if n else np.zeros(0, bool)
+    return (x >= win.max(axis=1)) & np.isfinite(x)
 
 
 def _rolling_median(x: np.ndarray, radius: int) -> np.ndarray:
     pad = np.concatenate([np.full(radius, np.nan), x, np.full(radius, np.nan)])
     win = np.lib.stride_tricks.sliding_window_view(pad, 2 * radius + 1)
-    med = np.nanmedian(win, axis=1)
+    with np.errstate(all="ignore"):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            med = np.nanmedian(win, axis=1)
     return np.nan_to_num(med, nan=0.0)
 
 
+def _merge(spans: list[tuple[int, int]]) -> list[list[int]]:
+    out: list[list[int]] = []
+    for a, b in sorted(spans):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return out
+
+
 def decide(sc: FrameScores, *, threshold: float, min_score: float, window_median: int, persist_ratio: float,
-           sure_score: float = DEFAULTS["sure_score"], sure_ratio: float = DEFAULTS["sure_ratio"],
-           sure_persist: float = DEFAULTS["sure_persist"], cand_score: float = DEFAULTS["cand_score"],
-           cand_ratio: float = DEFAULTS["cand_ratio"], grad_score: float = DEFAULTS["grad_score"],
-           grad_ratio: float = DEFAULTS["grad_ratio"], far_gap: int = DEFAULTS["far_gap"],
-           window: int = DEFAULTS["window"], net_threshold: float = DEFAULTS["net_threshold"],
-           min_gap: int = DEFAULTS["min_gap"]) -> HybridDecision:
+           sure_score: float, sure_ratio: float, sure_persist: float, cand_score: float, cand_ratio: float,
+           cand_persist: float, grad_score: float, grad_ratio: float, far_gap: int, hard_window: int,
+           grad_window: int, hard_threshold: float, grad_threshold: float, min_gap: int) -> HybridDecision:
+    """Boundaries of one scored video (see the module docstring); parameters: :data:`DEFAULTS`."""
     from heaters_dagster.media.scenes.learned import score_windows
 
     n = sc.frame_count
     if n < 2:
         return HybridDecision((), (), 0, 0)
     s = sc.score.astype(np.float64)
-    base = sc.baseline(window_median)
-    ratio = s / np.maximum(base, 1e-3)
+    ratio = s / np.maximum(sc.baseline(window_median), 1e-3)
     m = sc.persistence()
-    stream_ok = (s >= min_score) & (ratio >= threshold) & (m >= np.maximum(min_score, persist_ratio * s))
-    # far persistence: D(i-1, i-1+far_gap) against the cut's own score
-    farp = np.full(n, np.nan)
-    d = sc.far[far_gap]
+    farp = np.full(n, np.inf)  # D(i-1, i-1+far_gap): is the new picture still new later on?
     if n > far_gap:
-        farp[1:n - far_gap + 1] = d[:n - far_gap]
-    far_ok = np.nan_to_num(farp, nan=np.inf) >= sure_persist * s
+        farp[1:n - far_gap + 1] = np.nan_to_num(sc.far[far_gap][:n - far_gap], nan=np.inf)
     peak = _local_max(s, 2)
-    sure_mask = stream_ok & peak & (s >= sure_score) & (ratio >= sure_ratio) & far_ok
-    sure_mask[0] = False
+    peak[0] = False
+    sure_mask = (peak & (s >= max(sure_score, 1e-6)) & (ratio >= sure_ratio) & (m >= sure_persist * s)
+                 & (farp >= sure_persist * s) & (m >= persist_ratio * s))
     sure = np.flatnonzero(sure_mask)
-    hard = np.flatnonzero(peak & (s >= cand_score) & (ratio >= cand_ratio) & ~sure_mask)
-    hard = hard[hard > 0]
+    hard = np.flatnonzero(peak & (s >= cand_score) & (ratio >= cand_ratio) & (m >= cand_persist * s) & ~sure_mask)
     c = sc.far_distance(far_gap).astype(np.float64)
     cmed = _rolling_median(c, 3 * far_gap)
-    grad = np.flatnonzero(_local_max(c, far_gap // 2) & (np.nan_to_num(c) >= grad_score)
-                          & (np.nan_to_num(c) >= grad_ratio * cmed))
+    cz = np.nan_to_num(c)
+    grad = np.flatnonzero(_local_max(c, far_gap // 2) & (cz >= grad_score) & (cz >= grad_ratio * cmed))
     near_sure = np.zeros(n + 1, bool)
     for f in sure:
-        near_sure[max(0, f - far_gap // 2): f + far_gap // 2 + 1] = True
+        near_sure[max(0, f - far_gap // 2 - 2): f + far_gap // 2 + 3] = True
     grad = grad[~near_sure[grad]]
     hard = hard[~near_sure[hard]]
-    cands = sorted(set(hard.tolist()) | set(grad.tolist()))
-    # windows around candidates, merged where they overlap
-    spans: list[list[int]] = []
-    for f in cands:
-        a, b = max(0, f - window // 2), min(n, f + window - window // 2)
-        if spans and a <= spans[-1][1]:
-            spans[-1][1] = max(spans[-1][1], b)
-        else:
-            spans.append([a, b])
-    found: list[tuple[float, int]] = []
+    spans = _merge([(max(0, f - hard_window // 2), min(n, f + hard_window // 2)) for f in hard]
+                   + [(max(0, f - grad_window // 2), min(n, f + grad_window // 2)) for f in grad])
+    prob = np.zeros(n, np.float32)
     net_frames = sum(b - a for a, b in spans)
     if spans:
-        frames = sc.rgb()
-        for (a, b), (single, _many) in zip(spans, score_windows(frames, [tuple(x) for x in spans])):
-            on = single > net_threshold
-            i = 0
-            while i < len(on):
-                if not on[i]:
-                    i += 1
-                    continue
-                j = i
-                while j < len(on) and on[j]:
-                    j += 1
-                cut = a + j
-                if 0 < cut < n and not (a > 0 and i == 0) and not (b < n and j == len(on)):
-                    found.append((float(single[i:j].max()), cut))
-                i = j
-    kept = list(sure.tolist())
+        for (a, b), (single, _many) in zip(spans, score_windows(sc.rgb(), [tuple(x) for x in spans])):
+            prob[a:b] = single
+    found: list[tuple[float, int]] = []
+    for f in hard:  # TransNetV2 marks the last frame before a cut
+        p = float(prob[max(0, f - 3): f + 1].max())
+        if p >= hard_threshold:
+            found.append((p, int(f)))
+    for f in grad:  # one boundary per run of probable frames near the candidate
+        lo, hi = max(1, f - far_gap), min(n - 1, f + far_gap)
+        seg = prob[lo:hi]
+        if seg.size and seg.max() >= grad_threshold:
+            k = int(np.argmax(seg)) + lo + 1
+            # flash filter: the pictures on both sides of the boundary must differ (a flash, or
+            # a short burst, that the network marks returns to the same picture)
+            around = cz[max(0, k - 2): k + 3]
+            if around.size and around.max() >= max(grad_score, grad_ratio * cmed[k]):
+                found.append((float(seg.max()), k))
+    kept = [int(f) for f in sure]
     blocked = np.zeros(n + 1, bool)
     for f in kept:
-        blocked[max(0, f - min_gap): f + min_gap + 1] = True
-    for _p, f in sorted(found, reverse=True):
-        if not blocked[f]:
+        blocked[max(0, f - far_gap // 2): f + far_gap // 2 + 1] = True
+    for p, f in sorted(found, reverse=True):
+        if 0 < f < n and not blocked[f]:
             kept.append(f)
-            blocked[max(0, f - min_gap): f + min_gap + 1] = True
-    return HybridDecision(tuple(sorted(kept)), tuple(sure.tolist()), len(cands), net_frames)
+            blocked[max(0, f - far_gap): f + far_gap + 1] = True
+    return HybridDecision(tuple(sorted(kept)), tuple(int(f) for f in sure), len(hard) + len(grad), net_frames)
