@@ -92,7 +92,7 @@ def _pyscenedetect(kind: str) -> Callable[[Path], dict]:
 
         det = {"adaptive": AdaptiveDetector, "content": ContentDetector, "histogram": HistogramDetector}[kind]()
         scenes = detect(str(path), det)
-        return {"cuts": [s.frame_num for s, _ in scenes[1:]]}
+        return {"cuts": [int(s.frame_num) for s, _ in scenes[1:]]}
     return run_it
 
 
@@ -193,7 +193,7 @@ def run(smoke: bool = False, detectors: tuple[str, ...] | None = None, only: lis
     if write:
         RESULTS.mkdir(parents=True, exist_ok=True)
         tag = "scenes_smoke" if smoke else "scenes"
-        (RESULTS / f"{tag}.json").write_text(json.dumps(result, indent=1) + "\n")
+        (RESULTS / f"{tag}.json").write_text(json.dumps(result, indent=1, default=int) + "\n")
         chart(result, RESULTS / f"{tag}.png")
         (RESULTS / f"{tag}.md").write_text(markdown(result))
     return result

@@ -120,7 +120,7 @@ def decide(sc: FrameScores, *, threshold: float, min_score: float, window_median
         lo, hi = max(1, f - far_gap), min(n - 1, f + far_gap)
         seg = prob[lo:hi]
         if seg.size and seg.max() >= grad_threshold:
-            k = int(np.argmax(seg)) + lo + 1
+            k = int(np.argmax(seg)) + int(lo) + 1
             # flash filter: the pictures on both sides of the boundary must differ (a flash, or
             # a short burst, that the network marks returns to the same picture)
             around = cz[max(0, k - 2): k + 3]
@@ -134,4 +134,5 @@ def decide(sc: FrameScores, *, threshold: float, min_score: float, window_median
         if 0 < f < n and not blocked[f]:
             kept.append(f)
             blocked[max(0, f - far_gap): f + far_gap + 1] = True
-    return HybridDecision(tuple(sorted(kept)), tuple(int(f) for f in sure), len(hard) + len(grad), net_frames)
+    return HybridDecision(tuple(sorted(int(f) for f in kept)), tuple(int(f) for f in sure), int(len(hard) + len(grad)),
+                          int(net_frames))
