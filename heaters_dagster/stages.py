@@ -146,7 +146,11 @@ STAGES: tuple[Stage, ...] = (
         upstream=("ingest",),
         registers_new_clips=True,
         checks=("clips_tile_video",),
-        params={"threshold": None, "min_scene_s": 1.0, "crf": 23, "preset": "veryfast", "audio_bitrate": "128k"},
+        # detector: "hybrid" (stream pass + TransNetV2 on windows around doubtful frames) or
+        # "stream" (the small-frame pass alone); hybrid: overrides of the hybrid's parameters
+        # (heaters_dagster.media.scenes.hybrid.DEFAULTS, e.g. {"net_threshold": 0.5, "window": 24}).
+        params={"detector": "hybrid", "threshold": None, "hybrid": {}, "min_scene_s": 1.0, "crf": 23,
+                "preset": "veryfast", "audio_bitrate": "128k"},
     ),
     Stage(
         name="sprite",

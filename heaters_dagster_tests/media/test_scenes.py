@@ -1,4 +1,5 @@
-"""Scene detection on generated videos whose cuts are known exactly (heaters_dagster.media.scenes)."""
+"""The stream detector (heaters_dagster.media.scenes, detector="stream") on generated videos whose cuts
+are known exactly. The hybrid detector is tested in test_scenes_hybrid.py."""
 
 from __future__ import annotations
 
@@ -11,17 +12,21 @@ import numpy as np
 import pytest
 
 from heaters_dagster.errors import InvalidMediaError
-from heaters_dagster.media import scenes as scenes_mod
+from heaters_dagster.media.scenes import stream as scenes_mod
 from heaters_dagster.media.ffmpeg_tools import ffmpeg_bin
+from functools import partial
+
 from heaters_dagster.media.scenes import (
     SceneDetectionResult,
     analysis_size_for,
-    detect_scenes,
     find_cuts,
     score_frames,
     split_scenes,
 )
+from heaters_dagster.media.scenes import detect_scenes as _detect_scenes
 from heaters_dagster.media.synthetic import make_video
+
+detect_scenes = partial(_detect_scenes, detector="stream")
 
 
 # -- helpers -------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Scene (hard-cut) detection on a small decoded stream.
+"""The streaming small-frame pass: per-frame cut signals from one small decode (and hard-cut rules).
 
 One ffmpeg process decodes the source and downscales every frame to a tiny YUV 4:2:0 image
 (``analysis_width`` pixels wide, ``fast_bilinear``) which it writes as rawvideo on stdout. Python
@@ -31,8 +31,13 @@ when all of the following hold:
 4. **non-maximum suppression**: of candidates at most ``min_gap`` (2) frames apart only the
    strongest is kept (a flash right before a cut gives two candidates a frame apart).
 
-Scenes tile ``[0, frame_count)``; those shorter than ``min_scene_s`` are returned in ``dropped``.
 The frame count comes from the decoded stream (constant frame rate at the stream's rate).
+
+For the hybrid detector (:mod:`.hybrid`) the same pass also computes distances over longer gaps
+(``far_gaps``: ``D(x, x+g)``, which rise across a gradual transition) and can write every frame
+as 48x27 RGB (the learned scorer's input) to a scratch file, built from the small YUV frame
+(luma averaged 2x2, chroma planes as they are, BT.601 limited range) so no second decode is
+needed.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ import math
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
@@ -68,38 +73,6 @@ _CHUNK_BYTES = 1 << 20  # read about 1 MiB of small frames (~130 at 96x54) at a 
 
 
 @dataclass(frozen=True)
-class Scene:
-    start_frame: int
-    end_frame: int  # exclusive
-    start_s: float
-    end_s: float
-
-    @property
-    def frame_count(self) -> int:
-        return self.end_frame - self.start_frame
-
-    @property
-    def duration_s(self) -> float:
-        return self.end_s - self.start_s
-
-
-@dataclass(frozen=True)
-class SceneDetectionResult:
-    fps: float
-    frame_count: int
-    cut_frames: tuple[int, ...]  # every detected boundary (first frame of a new scene)
-    scenes: tuple[Scene, ...]  # kept: at least min_scene_s long
-    dropped: tuple[Scene, ...]  # shorter than min_scene_s
-    analysis_size: tuple[int, int]  # (width, height) of the analysed frames
-    decode_seconds: float  # wall time of the decode + analysis pass
-
-    @property
-    def all_scenes(self) -> tuple[Scene, ...]:
-        """Kept and dropped scenes in frame order (they tile ``[0, frame_count)``)."""
-        return tuple(sorted(self.scenes + self.dropped, key=lambda s: s.start_frame))
-
-
-@dataclass(frozen=True)
 class FrameScores:
     """Per-frame signals of one decode pass (float32 arrays of length ``frame_count``).
 
@@ -115,6 +88,24 @@ class FrameScores:
     decode_seconds: float
     lookback: int
     persist_frames: int
+    far: dict[int, np.ndarray] = field(default_factory=dict)  # g -> D(x, x+g) for the far gaps
+    rgb_path: Path | None = None  # (frame_count, 27, 48, 3) uint8 RGB frames, when asked for
+
+    def rgb(self) -> np.ndarray:
+        """The 48x27 RGB frames written during the pass (a read-only memory map)."""
+        if self.rgb_path is None:
+            raise ValueError("score_frames was not asked to keep RGB frames")
+        return np.memmap(self.rgb_path, dtype=np.uint8, mode="r", shape=(self.frame_count, 27, 48, 3))
+
+    def far_distance(self, g: int) -> np.ndarray:
+        """``c[i] = D(i - g//2, i + g - g//2)`` (NaN where out of range): centred far distance."""
+        d = self.far[g]
+        out = np.full(self.frame_count, np.nan, dtype=np.float32)
+        h = g // 2
+        n = self.frame_count - g
+        if n > 0:
+            out[h:h + n] = d[:n]
+        return out
 
     def persistence(self) -> np.ndarray:
         """``m[i] = min D(a, b)``, a in ``[i-lookback, i)``, b in ``[i, i+persist_frames)``."""
@@ -253,6 +244,24 @@ class _Features:
         return ((hist_d + pix_d) / 2.0).astype(np.float32)
 
 
+def small_rgb(raw: np.ndarray, w: int, h: int) -> np.ndarray:
+    """(n, 27, 48, 3) uint8 RGB from (n, frame_bytes) yuv420p frames of size (w, h)."""
+    n = raw.shape[0]
+    ysz, cw, chh = w * h, w // 2, h // 2
+    y = raw[:, :ysz].reshape(n, h, w)[:, :chh * 2, :cw * 2].astype(np.float32)
+    y = y.reshape(n, chh, 2, cw, 2).mean(axis=(2, 4))
+    u = raw[:, ysz:ysz + cw * chh].reshape(n, chh, cw).astype(np.float32) - 128.0
+    v = raw[:, ysz + cw * chh:ysz + 2 * cw * chh].reshape(n, chh, cw).astype(np.float32) - 128.0
+    yy = 1.164 * (y - 16.0)
+    rgb = np.stack([yy + 1.596 * v, yy - 0.392 * u - 0.813 * v, yy + 2.017 * u], axis=-1)
+    rgb = np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
+    if (cw, chh) != (48, 27):
+        import cv2
+
+        rgb = np.stack([cv2.resize(f, (48, 27), interpolation=cv2.INTER_AREA) for f in rgb])
+    return rgb
+
+
 class _Grow:
     """Append-only float32 array (amortised doubling)."""
 
@@ -298,8 +307,14 @@ def score_frames(
     lookback: int = DEFAULT_LOOKBACK,
     persist_frames: int = DEFAULT_PERSIST_FRAMES,
     threads: int = 0,
+    far_gaps: tuple[int, ...] = (),
+    rgb_path: Path | None = None,
 ) -> FrameScores:
-    """Decode ``path`` once (small frames, streaming) and return the per-frame signals."""
+    """Decode ``path`` once (small frames, streaming) and return the per-frame signals.
+
+    ``far_gaps``: extra gaps ``g`` for which ``D(x, x+g)`` is kept (``FrameScores.far``);
+    ``rgb_path``: a scratch file to write every frame to as 48x27 RGB (``FrameScores.rgb``).
+    """
     path = Path(path)
     if not path.is_file():
         raise InvalidMediaError(f"{path}: no such file")
@@ -319,13 +334,15 @@ def score_frames(
     frame_bytes = w * h + 2 * (w // 2) * (h // 2)
     chunk_frames = max(16, _CHUNK_BYTES // frame_bytes)
     max_gap = max(1, lookback + persist_frames - 1)
-
-    gaps = [_Grow() for _ in range(max_gap)]  # gaps[g-1] holds D(x, x+g) for x = 0, 1, ...
+    want = sorted(set(range(1, max_gap + 1)) | {int(g) for g in far_gaps if g > 0})
+    grows = {g: _Grow() for g in want}  # grows[g] holds D(x, x+g) for x = 0, 1, ...
+    keep = want[-1]  # frames carried over between chunks
     buf = bytearray(chunk_frames * frame_bytes)
     view = memoryview(buf)
-    tail: _Features | None = None  # last max_gap frames of the previous chunk
+    tail: _Features | None = None  # last `keep` frames of the previous chunk
     total = 0
     t0 = time.perf_counter()
+    rgb_out = open(rgb_path, "wb") if rgb_path is not None else None  # noqa: SIM115 (closed below)
     with tempfile.TemporaryFile() as errf, slot():
         with Supervised(
             _decode_args(path, size, rate, threads), what=f"scene detection decode of {path.name}",
@@ -346,17 +363,21 @@ def score_frames(
                     feats = _Features.from_raw(raw, w, h)
                     cat = feats if tail is None else _Features.concat(tail, feats)
                     base = total - (0 if tail is None else len(tail))  # global index of cat[0]
-                    for g in range(1, max_gap + 1):
+                    if rgb_out is not None:
+                        rgb_out.write(small_rgb(raw, w, h).tobytes())
+                    for g, grow in grows.items():
                         if len(cat) > g:
                             d = cat.distance(g)  # D(x, x+g) for x = base .. base+len(cat)-g-1
-                            gaps[g - 1].extend(d[gaps[g - 1].n - base:])
+                            grow.extend(d[grow.n - base:])
                     total += n
-                    tail = cat.slice(max(0, len(cat) - max_gap))
+                    tail = cat.slice(max(0, len(cat) - keep))
                 if got < len(buf):
                     break
             rc = child.wait()  # raises MediaTimeoutError if the guard killed it
         errf.seek(0)
         stderr = errf.read().decode("utf-8", "replace")
+    if rgb_out is not None:
+        rgb_out.close()
     elapsed = time.perf_counter() - t0
     if rc < 0:  # killed by a signal (OOM killer, operator): not the input's fault
         raise FFmpegError(f"scene detection decode of {path.name} killed (signal {-rc})", stderr=stderr,
@@ -368,12 +389,14 @@ def score_frames(
             f"{path.name}: decoding failed after {total} frames: {_tail(stderr) or f'exit code {rc}'}")
     if total == 0:
         raise InvalidMediaError(f"{path.name}: the video stream decoded to no frames")
-    gap_arrays = tuple(g.array(total) for g in gaps)
+    gap_arrays = tuple(grows[g].array(total) for g in range(1, max_gap + 1))
+    far = {g: grows[g].array(total) for g in far_gaps if g > 0}
     score = np.zeros(total, dtype=np.float32)
     score[1:] = gap_arrays[0][:-1]
     return FrameScores(
         fps=out_fps, frame_count=total, score=score, gap=gap_arrays, analysis_size=size,
-        decode_seconds=elapsed, lookback=lookback, persist_frames=persist_frames,
+        decode_seconds=elapsed, lookback=lookback, persist_frames=persist_frames, far=far,
+        rgb_path=Path(rgb_path) if rgb_path is not None else None,
     )
 
 
@@ -409,56 +432,3 @@ def find_cuts(
             kept.append(i)
             blocked[max(0, i - min_gap): i + min_gap + 1] = True
     return tuple(sorted(kept))
-
-
-def split_scenes(
-    cut_frames: tuple[int, ...] | list[int], frame_count: int, fps: float, min_scene_s: float
-) -> tuple[tuple[Scene, ...], tuple[Scene, ...]]:
-    """(kept, dropped) scenes tiling ``[0, frame_count)`` at ``cut_frames``."""
-    bounds = [0] + sorted(c for c in set(cut_frames) if 0 < c < frame_count) + [frame_count]
-    kept: list[Scene] = []
-    dropped: list[Scene] = []
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        sc = Scene(start_frame=a, end_frame=b, start_s=a / fps, end_s=b / fps)
-        # a small epsilon so that a scene of exactly min_scene_s (in whole frames) is kept
-        (kept if (b - a) / fps >= min_scene_s - 1e-9 else dropped).append(sc)
-    return tuple(kept), tuple(dropped)
-
-
-def detect_scenes(
-    path: str | Path,
-    *,
-    threshold: float = DEFAULT_THRESHOLD,
-    min_scene_s: float = 1.0,
-    analysis_width: int = DEFAULT_ANALYSIS_WIDTH,
-    fps: float | None = None,
-    min_score: float = DEFAULT_MIN_SCORE,
-    window: int = DEFAULT_WINDOW,
-    persist_frames: int = DEFAULT_PERSIST_FRAMES,
-    threads: int = 0,
-) -> SceneDetectionResult:
-    """Detect hard cuts in ``path`` and split it into scenes (see the module docstring).
-
-    ``threshold`` is the adaptive ratio a frame's score must reach over its neighbours' median;
-    ``min_score`` the absolute floor of a cut's score (0..1); ``fps`` the frame rate the caller
-    uses for frame <-> time (default: the stream's); ``threads`` ffmpeg's decoder threads
-    (0 = auto). Raises :class:`InvalidMediaError` for missing, empty or undecodable input.
-    """
-    if threshold <= 0:
-        raise ValueError(f"threshold must be positive, got {threshold!r}")
-    if min_scene_s < 0:
-        raise ValueError(f"min_scene_s must be >= 0, got {min_scene_s!r}")
-    sc = score_frames(path, analysis_width=analysis_width, fps=fps, persist_frames=persist_frames,
-                      threads=threads)
-    cuts = find_cuts(sc, threshold=threshold, min_score=min_score, window=window)
-    kept, dropped = split_scenes(cuts, sc.frame_count, sc.fps, min_scene_s)
-    return SceneDetectionResult(
-        fps=sc.fps, frame_count=sc.frame_count, cut_frames=cuts, scenes=kept, dropped=dropped,
-        analysis_size=sc.analysis_size, decode_seconds=sc.decode_seconds,
-    )
-
-
-__all__ = [
-    "Scene", "SceneDetectionResult", "FrameScores", "detect_scenes", "score_frames", "find_cuts",
-    "split_scenes", "analysis_size_for",
-]

@@ -1,0 +1,138 @@
+"""The hybrid decision: the stream pass proposes, TransNetV2 decides the doubtful cases.
+
+From one :func:`~.stream.score_frames` pass (small frames, plus far-gap distances and the 48x27
+RGB frames in a scratch file):
+
+1. **Sure cuts** (no network): frames that pass the stream detector's hard-cut rules with a wide
+   margin (score ``>= sure_score``, ratio to the neighbours' median ``>= sure_ratio``) *and* whose
+   new content is still different ``far_gap`` frames later (a burst of camera shake or a flash
+   returns to the old picture; a cut does not).
+2. **Hard candidates**: other local score maxima over a low ratio/score (cuts between shots that
+   look alike, flashes, shake).
+3. **Gradual candidates**: local maxima of the centred far distance ``D(i - g/2, i + g/2)`` that
+   stand out of its median over a long window (cross-fades, dips to black, and fast motion).
+
+Every candidate gets a short window of frames around it (``window`` frames; overlapping windows
+merge) and TransNetV2 scores those frames only. A run of frames whose probability is over
+``net_threshold`` is one boundary, at the first frame after the run (so a gradual transition
+gives exactly one). Boundaries closer than ``min_gap`` frames to a sure cut or a stronger
+boundary are dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from heaters_dagster.media.scenes.stream import FrameScores
+
+DEFAULTS = dict(
+    sure_score=0.04, sure_ratio=7.0, sure_persist=0.5, cand_score=0.04, cand_ratio=3.0, cand_persist=0.4,
+    grad_score=0.10, grad_ratio=1.4, far_gap=16, hard_window=32, grad_window=48, hard_threshold=0.3,
+    grad_threshold=0.35, min_gap=4,
+)
+
+
+@dataclass(frozen=True)
+class HybridDecision:
+    cuts: tuple[int, ...]
+    sure: tuple[int, ...]  # cuts decided by the stream signals alone
+    candidates: int  # hard + gradual candidates sent to the network
+    network_frames: int  # frames the network scored (union of the windows)
+
+
+def _local_max(x: np.ndarray, radius: int) -> np.ndarray:
+    n = len(x)
+    if not n:
+        return np.zeros(0, bool)
+    pad = np.concatenate([np.full(radius, -np.inf), np.nan_to_num(x, nan=-np.inf), np.full(radius, -np.inf)])
+    win = np.lib.stride_tricks.sliding_window_view(pad, 2 * radius + 1)
+    return (x >= win.max(axis=1)) & np.isfinite(x)
+
+
+def _rolling_median(x: np.ndarray, radius: int) -> np.ndarray:
+    pad = np.concatenate([np.full(radius, np.nan), x, np.full(radius, np.nan)])
+    win = np.lib.stride_tricks.sliding_window_view(pad, 2 * radius + 1)
+    with np.errstate(all="ignore"):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            med = np.nanmedian(win, axis=1)
+    return np.nan_to_num(med, nan=0.0)
+
+
+def _merge(spans: list[tuple[int, int]]) -> list[list[int]]:
+    out: list[list[int]] = []
+    for a, b in sorted(spans):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return out
+
+
+def decide(sc: FrameScores, *, threshold: float, min_score: float, window_median: int, persist_ratio: float,
+           sure_score: float, sure_ratio: float, sure_persist: float, cand_score: float, cand_ratio: float,
+           cand_persist: float, grad_score: float, grad_ratio: float, far_gap: int, hard_window: int,
+           grad_window: int, hard_threshold: float, grad_threshold: float, min_gap: int) -> HybridDecision:
+    """Boundaries of one scored video (see the module docstring); parameters: :data:`DEFAULTS`."""
+    from heaters_dagster.media.scenes.learned import score_windows
+
+    n = sc.frame_count
+    if n < 2:
+        return HybridDecision((), (), 0, 0)
+    s = sc.score.astype(np.float64)
+    ratio = s / np.maximum(sc.baseline(window_median), 1e-3)
+    m = sc.persistence()
+    farp = np.full(n, np.inf)  # D(i-1, i-1+far_gap): is the new picture still new later on?
+    if n > far_gap:
+        farp[1:n - far_gap + 1] = np.nan_to_num(sc.far[far_gap][:n - far_gap], nan=np.inf)
+    peak = _local_max(s, 2)
+    peak[0] = False
+    sure_mask = (peak & (s >= max(sure_score, 1e-6)) & (ratio >= sure_ratio) & (m >= sure_persist * s)
+                 & (farp >= sure_persist * s) & (m >= persist_ratio * s))
+    sure = np.flatnonzero(sure_mask)
+    hard = np.flatnonzero(peak & (s >= cand_score) & (ratio >= cand_ratio) & (m >= cand_persist * s) & ~sure_mask)
+    c = sc.far_distance(far_gap).astype(np.float64)
+    cmed = _rolling_median(c, 3 * far_gap)
+    cz = np.nan_to_num(c)
+    grad = np.flatnonzero(_local_max(c, far_gap // 2) & (cz >= grad_score) & (cz >= grad_ratio * cmed))
+    near_sure = np.zeros(n + 1, bool)
+    for f in sure:
+        near_sure[max(0, f - far_gap // 2 - 2): f + far_gap // 2 + 3] = True
+    grad = grad[~near_sure[grad]]
+    hard = hard[~near_sure[hard]]
+    spans = _merge([(max(0, f - hard_window // 2), min(n, f + hard_window // 2)) for f in hard]
+                   + [(max(0, f - grad_window // 2), min(n, f + grad_window // 2)) for f in grad])
+    prob = np.zeros(n, np.float32)
+    net_frames = sum(b - a for a, b in spans)
+    if spans:
+        for (a, b), (single, _many) in zip(spans, score_windows(sc.rgb(), [tuple(x) for x in spans])):
+            prob[a:b] = single
+    found: list[tuple[float, int]] = []
+    for f in hard:  # TransNetV2 marks the last frame before a cut
+        p = float(prob[max(0, f - 3): f + 1].max())
+        if p >= hard_threshold:
+            found.append((p, int(f)))
+    for f in grad:  # one boundary per run of probable frames near the candidate
+        lo, hi = max(1, f - far_gap), min(n - 1, f + far_gap)
+        seg = prob[lo:hi]
+        if seg.size and seg.max() >= grad_threshold:
+            k = int(np.argmax(seg)) + int(lo) + 1
+            # flash filter: the pictures on both sides of the boundary must differ (a flash, or
+            # a short burst, that the network marks returns to the same picture)
+            around = cz[max(0, k - 2): k + 3]
+            if around.size and around.max() >= max(grad_score, grad_ratio * cmed[k]):
+                found.append((float(seg.max()), k))
+    kept = [int(f) for f in sure]
+    blocked = np.zeros(n + 1, bool)
+    for f in kept:
+        blocked[max(0, f - far_gap // 2): f + far_gap // 2 + 1] = True
+    for p, f in sorted(found, reverse=True):
+        if 0 < f < n and not blocked[f]:
+            kept.append(f)
+            blocked[max(0, f - far_gap): f + far_gap + 1] = True
+    return HybridDecision(tuple(sorted(int(f) for f in kept)), tuple(int(f) for f in sure), int(len(hard) + len(grad)),
+                          int(net_frames))
