@@ -321,7 +321,7 @@ def estimate(costs: dict, hours_per_day: float = 10_000, cores_per_machine: int 
             "machines": int(-(-machines // 1)), "share_by_stage": share}
 
 
-def run(smoke: bool) -> dict:
+def measure(smoke: bool) -> dict:
     from heaters_dagster.database.engine import database_url
     from heaters_dagster.database.migrate import upgrade
     from heaters_dagster.media.synthetic import make_video
@@ -353,6 +353,39 @@ def run(smoke: bool) -> dict:
     result["estimate_10000_hours_per_day"] = estimate(costs)
     result["host"]["loadavg_end"] = os.getloadavg()
     return result
+
+
+# -- `heaters bench celery_scale` ----------------------------------------------------------------------
+NAME = "celery_scale"
+DESCRIPTION = ("Scale-out on this machine: clips to `embedded` with one and two Celery workers (redis, moto S3), "
+               "worker peak memory per stage, sensor tick and webserver GraphQL at 100,000 clip partitions "
+               "(smoke: 5,000), and the machines needed for 10,000 hours of 1080p a day")
+
+
+def summarize(doc: dict) -> list[dict]:
+    from common import figure
+
+    one, two = doc["throughput"][0], doc["throughput"][1]
+    sc = doc["scale"]
+    return [
+        figure("throughput, 2 Celery workers", two["clips_per_s"], "clips/s", baseline=one["clips_per_s"],
+               baseline_name="1 worker", note="2 cores: each media step already uses both"),
+        figure(f"sprite sensor tick at {sc['partitions']:,} partitions", sc["sprite_sensor_tick_s"]["median"], "s",
+               target=2.0, kind="max"),
+        figure(f"webserver partition query at {sc['partitions']:,} partitions",
+               sc["webserver"]["sprite_partitions"]["median_s"], "s"),
+        figure("machines (16 cores) for 10,000 h of 1080p a day", doc["estimate_10000_hours_per_day"]["machines"],
+               "machines", note="estimate from measured per-stage CPU costs"),
+    ]
+
+
+def run(smoke: bool, out_dir: Path) -> dict:
+    doc = measure(smoke)
+    doc["figures"] = summarize(doc)
+    if not smoke:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "celery_scale.md").write_text(markdown(doc))
+    return doc
 
 
 def markdown(res: dict) -> str:
@@ -465,7 +498,7 @@ def main() -> None:
     if args.markdown_only:
         (RESULTS / "celery_scale.md").write_text(markdown(json.loads((RESULTS / "celery_scale.json").read_text())))
         return
-    res = run(args.smoke)
+    res = measure(args.smoke)
     text = json.dumps(res, indent=2, default=str)
     print(text)
     out = args.out or (RESULTS / ("celery_scale_smoke.json" if args.smoke else "celery_scale.json"))

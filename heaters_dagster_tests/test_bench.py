@@ -47,17 +47,20 @@ def test_figure_met_and_missed_and_the_summary_says_so(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1300)
 def test_every_benchmark_runs_at_smoke_size_into_its_own_folder(tmp_path):
     before = _digest(RESULTS)
     listed = subprocess.run([str(HEATERS), "bench", "--list"], capture_output=True, text=True, env=_env(), cwd=REPO)
     assert listed.returncode == 0, listed.stderr
     names = [line.split()[0] for line in listed.stdout.splitlines() if line.strip()]
-    assert {"e2e", "sensor", "splice", "embedding", "search"} <= set(names)
+    assert {"e2e", "sensor", "splice", "scenes", "embedding", "search", "celery_scale"} <= set(names)
+    # celery_scale's smoke starts redis, an S3 server and Celery workers twice (minutes); its
+    # mechanism is what test_celery.py runs, so CI leaves it to `heaters bench --smoke celery_scale`.
+    names = [n for n in names if n != "celery_scale"]
 
     out = tmp_path / "results"
-    proc = subprocess.run([str(HEATERS), "bench", "--smoke", "--out", str(out)], capture_output=True, text=True,
-                          env=_env(), cwd=REPO, timeout=880)
+    proc = subprocess.run([str(HEATERS), "bench", "--smoke", "--out", str(out), *names], capture_output=True, text=True,
+                          env=_env(), cwd=REPO, timeout=1280)
     log = proc.stdout + proc.stderr
     assert "BENCHMARK FAILED" not in log, log[-4000:]
     missed = []

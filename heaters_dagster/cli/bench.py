@@ -17,7 +17,7 @@ from types import ModuleType
 
 import click
 
-ORDER = ("e2e", "sensor", "splice", "embedding", "search")
+ORDER = ("e2e", "sensor", "splice", "scenes", "embedding", "search", "celery_scale")
 
 
 def bench_dir() -> Path:
@@ -66,7 +66,7 @@ def _description(path: Path) -> str:
               help="Where to write the results (default: bench/results/; with --smoke a temporary folder).")
 @click.option("--report", is_flag=True, help="Only redraw the charts and README.md from the JSON files there.")
 def bench_cmd(names: tuple[str, ...], smoke: bool, list_only: bool, out_dir: Path | None, report: bool) -> None:
-    """Run every benchmark, or the ones NAMED (e2e, sensor, splice, embedding, search), and write
+    """Run every benchmark, or the ones NAMED (e2e, sensor, splice, scenes, embedding, search, celery_scale), and write
     bench/results/<name>.json, <name>.png and README.md. Exit status 1 when a target is missed or a
     benchmark fails."""
     mods = _modules()
