@@ -25,7 +25,7 @@ from heaters_dagster.database.engine import get_engine
 from heaters_dagster.database.models import Clip, ClipArtifact, Embedding, SourceVideo, StageResult
 from heaters_dagster.media.synthetic import make_video
 from heaters_dagster.resources.database import DatabaseResource
-from heaters_dagster.review.events import record_event
+from heaters_dagster.sensors.review import auto_approve
 from heaters_dagster.storage import ArtifactStore
 from heaters_dagster_tests.celery_harness import REDIS_SERVER, CeleryCluster, kill_when_claimed
 from heaters_dagster_tests.conftest import TABLES
@@ -49,11 +49,7 @@ def _truncate(url: str) -> None:
 
 
 def _approve_all(db: DatabaseResource) -> int:
-    with db.session() as s:
-        ids = list(s.execute(select(Clip.id).where(Clip.state == "pending_review").order_by(Clip.id)).scalars())
-        for cid in ids:
-            record_event(s, cid, "approve", {}, "tester")
-    return len(ids)
+    return auto_approve(db, reviewer="tester")
 
 
 def _sha(data: bytes) -> str:

@@ -54,18 +54,22 @@ def review_asset_events(applied: Iterable[Applied]) -> list["dg.AssetMaterializa
 AUTO_REVIEWER = "auto-approve"
 
 
-def auto_approve(database: DatabaseResource, limit: int = 1000) -> int:
-    """HEATERS_AUTO_APPROVE (benchmark only): record an approve event for every ``pending_review``
-    clip that has no unprocessed event yet; they are applied like a reviewer's. Returns how many."""
-    from sqlalchemy import text
+def auto_approve(database: DatabaseResource, limit: int = 1000, reviewer: str = AUTO_REVIEWER) -> int:
+    """HEATERS_AUTO_APPROVE (benchmark only): record an approve event (``record_event``, as the
+    review page does) for every ``pending_review`` clip that has no unprocessed event yet; they are
+    applied like a reviewer's. Returns how many."""
+    from sqlalchemy import select
 
+    from heaters_dagster.database.models import Clip, ReviewEvent
+    from heaters_dagster.review.events import record_event
+
+    unprocessed = select(ReviewEvent.id).where(ReviewEvent.clip_id == Clip.id, ReviewEvent.processed_at.is_(None))
     with database.session() as s:
-        rows = s.execute(text(
-            "INSERT INTO review_events (clip_id, action, payload, reviewer) "
-            "SELECT c.id, 'approve', '{}'::jsonb, :who FROM clips c WHERE c.state = 'pending_review' "
-            "AND NOT EXISTS (SELECT 1 FROM review_events e WHERE e.clip_id = c.id AND e.processed_at IS NULL) "
-            "ORDER BY c.id LIMIT :n RETURNING id"), {"who": AUTO_REVIEWER, "n": limit}).all()
-    return len(rows)
+        ids = list(s.execute(select(Clip.id).where(Clip.state == "pending_review", ~unprocessed.exists())
+                             .order_by(Clip.id).limit(limit)).scalars())
+        for cid in ids:
+            record_event(s, cid, "approve", {}, reviewer)
+    return len(ids)
 
 
 def evaluate_review_sensor(context, database: DatabaseResource) -> dg.SensorResult:
