@@ -5,7 +5,9 @@ Compares, in one run and on every video: Heaters' hybrid detector, today's strea
 PySceneDetect's Adaptive, Content and Histogram detectors (defaults) and TransNetV2 on every
 frame. For each: precision, recall and F1 per video (hard cuts within +-1 frame; a gradual
 transition counts once for any detection inside it, +-1), wall and CPU time against a bare
-decode of the same file and against PySceneDetect's AdaptiveDetector. Writes
+decode of the same file and against PySceneDetect's AdaptiveDetector (each the best of three
+runs, the full-video TransNetV2 once; the model loads once, before the first video, as in a
+splice run). Writes
 ``bench/results/scenes.json``, ``bench/results/scenes.png`` and ``bench/results/scenes.md``.
 
     python bench/bench_scenes.py            # the full set (~4,500 frames, a few minutes)
@@ -79,6 +81,18 @@ def _timed(fn: Callable[[], object]) -> tuple[object, float, float]:
     return out, time.perf_counter() - t0, _cpu() - c0
 
 
+def _best_of(fn: Callable[[], object], repeats: int) -> tuple[object, float, float]:
+    """The fastest of ``repeats`` runs (output, wall, CPU): a shared 2-core machine's noise only
+    ever adds time, so every detector and the bare decode are timed the same way."""
+    best = None
+    for _ in range(max(1, repeats)):
+        r = _timed(fn)
+        if best is None or r[1] < best[1]:
+            best = r
+    assert best is not None
+    return best
+
+
 def bare_decode(path: Path) -> None:
     from heaters_dagster.media.ffmpeg_tools import ffmpeg_bin
 
@@ -125,12 +139,14 @@ RUNNERS: dict[str, Callable[[Path], dict]] = {
 
 # -- the run ----------------------------------------------------------------------------------------
 def measure(smoke: bool = False, detectors: tuple[str, ...] | None = None, only: list[str] | None = None,
-            write: bool = True, out_dir: Path | None = None) -> dict:
+            write: bool = True, out_dir: Path | None = None, repeats: int | None = None) -> dict:
     """Build (cached) the benchmark set, run every detector on every video, score and time them.
 
     ``smoke``: a third of the shots, and (unless ``detectors`` says otherwise) without the
-    full-video TransNetV2 run, which alone takes minutes on a 2-core CPU.
+    full-video TransNetV2 run, which alone takes minutes on a 2-core CPU. ``repeats``: each
+    timing is the best of that many runs (default 3, smoke 1; the full TransNetV2 run once).
     """
+    repeats = (1 if smoke else 3) if repeats is None else repeats
     if detectors is None:
         detectors = tuple(d for d in DETECTORS if not (smoke and d == "transnetv2"))
     from heaters_dagster.media.scenes.learned import load_transnet
@@ -138,16 +154,18 @@ def measure(smoke: bool = False, detectors: tuple[str, ...] | None = None, only:
     t_build = time.perf_counter()
     videos = scene_footage.build(smoke=smoke, only=only)
     build_s = time.perf_counter() - t_build
-    _, load_s, _ = _timed(load_transnet)  # once per run, as in the pipeline
+    from heaters_dagster.media.scenes.learned import prepared
+
+    _, load_s, _ = _timed(lambda: (load_transnet(), prepared()))  # once per run, as in the pipeline
     rows = []
     for v in videos:
-        (_, bare_wall, bare_cpu) = _timed(lambda: bare_decode(v.path))
+        (_, bare_wall, bare_cpu) = _best_of(lambda: bare_decode(v.path), repeats)
         row = {"video": v.name, "size": f"{v.width}x{v.height}", "fps": v.fps, "frames": v.frame_count,
                "boundaries": {k: sum(1 for e in v.boundaries if e.kind == k) for k in scene_footage.BOUNDARY_KINDS},
                "effects": {k: sum(1 for e in v.events if e.kind == k) for k in ("flash", "shake")},
                "bare_decode": {"wall_s": round(bare_wall, 3), "cpu_s": round(bare_cpu, 3)}, "detectors": {}}
         for name in detectors:
-            out, wall, cpu = _timed(lambda: RUNNERS[name](v.path))
+            out, wall, cpu = _best_of(lambda: RUNNERS[name](v.path), 1 if name == "transnetv2" else repeats)
             res = score(v.events, out["cuts"])  # type: ignore[index]
             res.update({"wall_s": round(wall, 3), "cpu_s": round(cpu, 3), "x_bare_wall": round(wall / bare_wall, 3),
                         "x_bare_cpu": round(cpu / max(bare_cpu, 1e-6), 3), "cuts": out["cuts"]})  # type: ignore[index]
@@ -188,7 +206,7 @@ def measure(smoke: bool = False, detectors: tuple[str, ...] | None = None, only:
     result = {
         "benchmark": "scenes", "smoke": smoke, "host": {"machine": platform.machine(), "cpus": os.cpu_count(),
                                                         "load_avg_start": os.getloadavg()},
-        "build_s": round(build_s, 1), "model_load_s": round(load_s, 2), "videos": rows, "summary": summary,
+        "build_s": round(build_s, 1), "model_load_s": round(load_s, 2), "repeats": repeats, "videos": rows, "summary": summary,
     }
     if write:
         d = out_dir or RESULTS

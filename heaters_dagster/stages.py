@@ -148,7 +148,8 @@ STAGES: tuple[Stage, ...] = (
         checks=("clips_tile_video",),
         # detector: "hybrid" (stream pass + TransNetV2 on windows around doubtful frames) or
         # "stream" (the small-frame pass alone); hybrid: overrides of the hybrid's parameters
-        # (heaters_dagster.media.scenes.hybrid.DEFAULTS, e.g. {"net_threshold": 0.5, "window": 24}).
+        # (heaters_dagster.media.scenes.hybrid.DEFAULTS, e.g. {"hard_threshold": 0.5, "grad_window": 48,
+        # "precision": "fp32"}).
         params={"detector": "hybrid", "threshold": None, "hybrid": {}, "min_scene_s": 1.0, "crf": 23,
                 "preset": "veryfast", "audio_bitrate": "128k"},
     ),

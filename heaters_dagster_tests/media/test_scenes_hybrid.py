@@ -145,3 +145,45 @@ def test_bad_detector_name_is_a_clear_error(media: Path) -> None:
     with pytest.raises(ValueError, match="unknown hybrid parameters"):
         video = make_video(media / "p.mp4", (1.0,), fps=25, audio=False)
         detect_scenes(video.path, hybrid={"nope": 1})
+
+
+def test_fast_inference_pass_equals_the_package_forward(media: Path) -> None:
+    # the folded / bfloat16 pass the hybrid runs gives the package's predict_raw probabilities
+    # (fp32: to rounding; bf16 where the CPU has it: within a few 1e-3), on real frames
+    import torch
+
+    from heaters_dagster.media.scenes import transnet_infer
+
+    globe = learned.decode_small_rgb(_globe())
+    video = make_video(media / "infer.mp4", (1.0, 1.0), fps=25, audio=False)
+    frames = np.concatenate([globe[:40], learned.decode_small_rgb(video.path)[:40]])  # a cut at 40
+    x = torch.from_numpy(np.stack([frames[:48], frames[24:72]]))
+    model = learned.load_transnet()
+    with torch.inference_mode():
+        ref_single, ref_many = model.predict_raw(x)
+        precisions = ["fp32"] + (["bf16"] if transnet_infer.bf16_supported() else [])
+        for precision, tol in (("fp32", 1e-4), ("bf16", 0.03)):
+            if precision not in precisions:
+                continue
+            single, many = transnet_infer.predict(model, learned.prepared(precision), x)
+            assert single.dtype == torch.float32 and single.shape == ref_single.shape
+            np.testing.assert_allclose(single.numpy(), ref_single.numpy(), atol=tol)
+            np.testing.assert_allclose(many.numpy(), ref_many.numpy(), atol=tol)
+    assert ref_single[0, 36:42].max() > 0.5  # the cut is there to be agreed on
+    assert learned.prepared("auto") is learned.prepared(transnet_infer.resolve_precision("auto"))
+    assert transnet_infer.resolve_precision("auto") == ("bf16" if transnet_infer.bf16_supported() else "fp32")
+    with pytest.raises(ValueError, match="unknown precision"):
+        transnet_infer.resolve_precision("fp8")
+
+
+def test_scored_windows_are_batched_only_with_equal_lengths(media: Path) -> None:
+    # windows of other lengths are not padded to one another: each window's probabilities are
+    # the ones it gets alone
+    video = make_video(media / "wins.mp4", (1.0, 1.0, 1.0), fps=25, audio=False)
+    frames = learned.decode_small_rgb(video.path)
+    windows = [(10, 40), (15, 60), (30, 54), (0, 24)]
+    together = learned.score_windows(frames, windows, batch=4)
+    for w, (single, many) in zip(windows, together):
+        alone_single, alone_many = learned.score_windows(frames, [w], batch=1)[0]
+        assert single.shape == (w[1] - w[0],)
+        np.testing.assert_allclose(single, alone_single, atol=1e-2)

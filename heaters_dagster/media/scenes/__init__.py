@@ -125,13 +125,13 @@ def detect_scenes(
         extra: dict[str, int] = {}
     else:
         from heaters_dagster.media.scenes.hybrid import DEFAULTS, decide
-        from heaters_dagster.media.scenes.learned import load_transnet
+        from heaters_dagster.media.scenes.learned import prepared
 
         params = {**DEFAULTS, **(hybrid or {})}
         unknown = set(params) - set(DEFAULTS)
         if unknown:
             raise ValueError(f"unknown hybrid parameters: {', '.join(sorted(unknown))}")
-        load_transnet()  # once per process; before the decode so its time is not in the first video
+        prepared(str(params["precision"]))  # model and folded weights: once per process, before the decode
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="heaters-scenes-") as tmp:
             sc = score_frames(path, analysis_width=analysis_width, fps=fps, persist_frames=persist_frames,

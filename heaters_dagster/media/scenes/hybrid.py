@@ -5,18 +5,26 @@ RGB frames in a scratch file):
 
 1. **Sure cuts** (no network): frames that pass the stream detector's hard-cut rules with a wide
    margin (score ``>= sure_score``, ratio to the neighbours' median ``>= sure_ratio``) *and* whose
-   new content is still different ``far_gap`` frames later (a burst of camera shake or a flash
+   new content persists: its distance to the frames before stays at least ``sure_persist`` of the
+   step over the next frames and ``far_gap`` frames later (a burst of camera shake or a flash
    returns to the old picture; a cut does not).
 2. **Hard candidates**: other local score maxima over a low ratio/score (cuts between shots that
    look alike, flashes, shake).
 3. **Gradual candidates**: local maxima of the centred far distance ``D(i - g/2, i + g/2)`` that
    stand out of its median over a long window (cross-fades, dips to black, and fast motion).
 
-Every candidate gets a short window of frames around it (``window`` frames; overlapping windows
-merge) and TransNetV2 scores those frames only. A run of frames whose probability is over
-``net_threshold`` is one boundary, at the first frame after the run (so a gradual transition
-gives exactly one). Boundaries closer than ``min_gap`` frames to a sure cut or a stronger
-boundary are dropped.
+Every candidate gets a short window of frames around it (``hard_window`` / ``grad_window``
+frames; overlapping windows merge) and TransNetV2 scores those frames only, in bfloat16 where the
+CPU has it (:mod:`.transnet_infer`). A hard candidate is a cut when the network says so
+(``>= hard_threshold``), or when it agrees weakly (``>= hard_weak``) and the step is clean (it
+persists as for a sure cut). A gradual candidate gives one boundary at the most probable frame of
+its run (``>= grad_threshold``), unless that is a flash (:func:`_is_flash`). Two sure cuts under
+``far_gap`` frames apart (the two edges of a dip, a burst) are not sure: they become hard
+candidates. A boundary is dropped within ``far_gap / 2`` frames of a sure cut or ``far_gap`` of
+a stronger boundary.
+
+The windows (24 and 40 frames) are the shortest that keep the benchmark's F1: at 16 / 32 frames
+the network misses dissolves it finds with more context (``bench/results/scenes.json``).
 """
 
 from __future__ import annotations
@@ -28,9 +36,9 @@ import numpy as np
 from heaters_dagster.media.scenes.stream import FrameScores
 
 DEFAULTS = dict(
-    sure_score=0.04, sure_ratio=7.0, sure_persist=0.5, cand_score=0.04, cand_ratio=3.0, cand_persist=0.4,
-    grad_score=0.10, grad_ratio=1.4, far_gap=16, hard_window=32, grad_window=48, hard_threshold=0.3,
-    grad_threshold=0.35, min_gap=4,
+    sure_score=0.04, sure_ratio=4.0, sure_persist=0.8, cand_score=0.04, cand_ratio=2.5, cand_persist=0.4,
+    grad_score=0.10, grad_ratio=1.4, far_gap=16, hard_window=24, grad_window=40, hard_threshold=0.3,
+    hard_weak=0.08, grad_threshold=0.35, flash_luma=25.0, min_gap=4, precision="auto",
 )
 
 
@@ -73,10 +81,28 @@ def _merge(spans: list[tuple[int, int]]) -> list[list[int]]:
     return out
 
 
+def _is_flash(rgb: np.ndarray, cz: np.ndarray, cmed: np.ndarray, k: int, grad_score: float, grad_ratio: float,
+              flash_luma: float) -> bool:
+    """A boundary the network put at ``k`` is a flash: a frame just before it is brighter than
+    both sides by ``flash_luma`` (of 255) *and* the pictures on both sides match (the far
+    distance around ``k`` does not stand out). Two shots of one film that look alike are not
+    brighter in between, so they are kept."""
+    n = len(rgb)
+
+    def luma(i: int) -> float:
+        return float(rgb[min(max(i, 0), n - 1)].mean())
+
+    bright = max(luma(j) for j in range(k - 3, k + 2)) > max(luma(k - 6), luma(k + 5)) + flash_luma
+    around = cz[max(0, k - 2): k + 3]
+    differ = bool(around.size and around.max() >= max(grad_score, grad_ratio * cmed[min(k, len(cmed) - 1)]))
+    return bright and not differ
+
+
 def decide(sc: FrameScores, *, threshold: float, min_score: float, window_median: int, persist_ratio: float,
            sure_score: float, sure_ratio: float, sure_persist: float, cand_score: float, cand_ratio: float,
            cand_persist: float, grad_score: float, grad_ratio: float, far_gap: int, hard_window: int,
-           grad_window: int, hard_threshold: float, grad_threshold: float, min_gap: int) -> HybridDecision:
+           grad_window: int, hard_threshold: float, grad_threshold: float, min_gap: int,
+           hard_weak: float, flash_luma: float, precision: str = "auto") -> HybridDecision:
     """Boundaries of one scored video (see the module docstring); parameters: :data:`DEFAULTS`."""
     from heaters_dagster.media.scenes.learned import score_windows
 
@@ -94,6 +120,13 @@ def decide(sc: FrameScores, *, threshold: float, min_score: float, window_median
     sure_mask = (peak & (s >= max(sure_score, 1e-6)) & (ratio >= sure_ratio) & (m >= sure_persist * s)
                  & (farp >= sure_persist * s) & (m >= persist_ratio * s))
     sure = np.flatnonzero(sure_mask)
+    if len(sure) > 1:  # two steps under far_gap frames apart (the edges of a dip or of a burst)
+        close = np.diff(sure) < far_gap  # are not sure: the network decides them
+        demote = np.zeros(len(sure), bool)
+        demote[:-1] |= close
+        demote[1:] |= close
+        sure_mask[sure[demote]] = False
+        sure = sure[~demote]
     hard = np.flatnonzero(peak & (s >= cand_score) & (ratio >= cand_ratio) & (m >= cand_persist * s) & ~sure_mask)
     c = sc.far_distance(far_gap).astype(np.float64)
     cmed = _rolling_median(c, 3 * far_gap)
@@ -109,22 +142,24 @@ def decide(sc: FrameScores, *, threshold: float, min_score: float, window_median
     prob = np.zeros(n, np.float32)
     net_frames = sum(b - a for a, b in spans)
     if spans:
-        for (a, b), (single, _many) in zip(spans, score_windows(sc.rgb(), [tuple(x) for x in spans])):
+        for (a, b), (single, _many) in zip(spans, score_windows(sc.rgb(), [tuple(x) for x in spans],
+                                                         precision=precision)):
             prob[a:b] = single
     found: list[tuple[float, int]] = []
     for f in hard:  # TransNetV2 marks the last frame before a cut
         p = float(prob[max(0, f - 3): f + 1].max())
-        if p >= hard_threshold:
+        # a clean step (the new picture persists, next frames and far_gap frames on) needs only
+        # the network's weak agreement; shake and motion do not persist, flashes return
+        clean = m[f] >= sure_persist * s[f] and farp[f] >= sure_persist * s[f]
+        if p >= hard_threshold or (clean and p >= hard_weak):
             found.append((p, int(f)))
+    rgb = sc.rgb()
     for f in grad:  # one boundary per run of probable frames near the candidate
         lo, hi = max(1, f - far_gap), min(n - 1, f + far_gap)
         seg = prob[lo:hi]
         if seg.size and seg.max() >= grad_threshold:
             k = int(np.argmax(seg)) + int(lo) + 1
-            # flash filter: the pictures on both sides of the boundary must differ (a flash, or
-            # a short burst, that the network marks returns to the same picture)
-            around = cz[max(0, k - 2): k + 3]
-            if around.size and around.max() >= max(grad_score, grad_ratio * cmed[k]):
+            if not _is_flash(rgb, cz, cmed, k, grad_score, grad_ratio, flash_luma):
                 found.append((float(seg.max()), k))
     kept = [int(f) for f in sure]
     blocked = np.zeros(n + 1, bool)

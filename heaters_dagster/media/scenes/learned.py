@@ -22,6 +22,7 @@ import numpy as np
 
 LOADS = 0  # how many times the model has really been loaded in this process
 _MODEL: Any = None
+_PREPARED: dict[str, Any] = {}  # precision -> transnet_infer.Prepared for _MODEL
 _LOCK = threading.Lock()
 FULL_WINDOW = 100  # the window (and 25-frame margins) the network was trained and run with
 FULL_MARGIN = 25
@@ -52,22 +53,42 @@ def load_transnet() -> Any:
         return model
 
 
-def score_windows(frames: np.ndarray, windows: Sequence[tuple[int, int]], batch: int = 8
-                  ) -> list[tuple[np.ndarray, np.ndarray]]:
+def prepared(precision: str = "auto") -> Any:
+    """The loaded model's folded weights for :func:`.transnet_infer.predict`, built once per
+    precision and cached with the model."""
+    from heaters_dagster.media.scenes import transnet_infer
+
+    model = load_transnet()
+    key = transnet_infer.resolve_precision(precision)
+    with _LOCK:
+        if key not in _PREPARED:
+            _PREPARED[key] = transnet_infer.prepare(model, key)
+        return _PREPARED[key]
+
+
+def score_windows(frames: np.ndarray, windows: Sequence[tuple[int, int]], batch: int = 1,
+                  precision: str | None = "auto") -> list[tuple[np.ndarray, np.ndarray]]:
     """``(single, many)`` probabilities for each frame range ``[a, b)`` of ``frames`` (n, 27, 48, 3).
 
-    Ranges are clipped to the video and padded (first / last frame repeated) to one length per
-    batch, as the package pads the ends of a video.
+    Ranges are clipped to the video and padded (first / last frame repeated) as the package pads
+    the ends of a video. Only ranges of the same length share a batch, so no frame is scored for
+    padding's sake. ``precision``: the inference pass of :mod:`.transnet_infer` at that precision
+    (``auto``, ``bf16``, ``fp32``), or ``None`` for the package's own ``predict_raw``.
     """
     import torch
 
+    from heaters_dagster.media.scenes import transnet_infer
+
     model = load_transnet()
+    fast = prepared(precision) if precision is not None else None
     n = len(frames)
     out: list[tuple[np.ndarray, np.ndarray]] = [None] * len(windows)  # type: ignore[list-item]
-    order = sorted(range(len(windows)), key=lambda k: windows[k][1] - windows[k][0])
-    for s in range(0, len(order), batch):
-        ks = order[s:s + batch]
-        length = max(windows[k][1] - windows[k][0] for k in ks)
+    by_length: dict[int, list[int]] = {}
+    for k, (a, b) in enumerate(windows):
+        by_length.setdefault(b - a, []).append(k)
+    groups = [ks[s:s + batch] for _, ks in sorted(by_length.items()) for s in range(0, len(ks), batch)]
+    for ks in groups:
+        length = windows[ks[0]][1] - windows[ks[0]][0]
         xs = []
         for k in ks:
             a, b = windows[k]
@@ -75,7 +96,7 @@ def score_windows(frames: np.ndarray, windows: Sequence[tuple[int, int]], batch:
             xs.append(np.asarray(frames[idx]))
         x = torch.from_numpy(np.stack(xs))
         with torch.inference_mode():
-            single, many = model.predict_raw(x)
+            single, many = model.predict_raw(x) if fast is None else transnet_infer.predict(model, fast, x)
         single, many = single[..., 0].numpy(), many[..., 0].numpy()
         for j, k in enumerate(ks):
             a, b = windows[k]
@@ -85,12 +106,12 @@ def score_windows(frames: np.ndarray, windows: Sequence[tuple[int, int]], batch:
 
 
 def predict_all(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-frame ``(single, many)`` over a whole video, with the package's own windowing
-    (100-frame windows, 50-frame steps, the middle 50 kept)."""
+    """Per-frame ``(single, many)`` over a whole video, as the package computes them (its own
+    ``predict_raw``, 100-frame windows, 50-frame steps, the middle 50 kept)."""
     n = len(frames)
     step = FULL_WINDOW - 2 * FULL_MARGIN
     starts = list(range(-FULL_MARGIN, n - FULL_MARGIN, step)) or [-FULL_MARGIN]
-    res = score_windows(frames, [(a, a + FULL_WINDOW) for a in starts], batch=2)
+    res = score_windows(frames, [(a, a + FULL_WINDOW) for a in starts], batch=2, precision=None)
     single = np.zeros(n, np.float32)
     many = np.zeros(n, np.float32)
     for a, (s1, m1) in zip(starts, res):
