@@ -66,6 +66,7 @@ class SceneDetectionResult:
     detector: str = "stream"
     candidates: int = 0  # hybrid: frames sent to the network as candidates
     network_frames: int = 0  # hybrid: frames the network scored
+    prescored: int = 0  # hybrid: network spans scored while the video was still decoding
 
     @property
     def all_scenes(self) -> tuple[Scene, ...]:
@@ -124,7 +125,7 @@ def detect_scenes(
         cuts = find_cuts(sc, threshold=threshold, min_score=min_score, window=window)
         extra: dict[str, int] = {}
     else:
-        from heaters_dagster.media.scenes.hybrid import DEFAULTS, decide
+        from heaters_dagster.media.scenes.hybrid import DEFAULTS, Prescorer, decide
         from heaters_dagster.media.scenes.learned import prepared
 
         params = {**DEFAULTS, **(hybrid or {})}
@@ -133,14 +134,19 @@ def detect_scenes(
             raise ValueError(f"unknown hybrid parameters: {', '.join(sorted(unknown))}")
         prepared(str(params["precision"]))  # model and folded weights: once per process, before the decode
         t0 = time.perf_counter()
+        kwargs = dict(threshold=threshold, min_score=min_score, window_median=window,
+                      persist_ratio=DEFAULT_PERSIST_RATIO, **params)
         with tempfile.TemporaryDirectory(prefix="heaters-scenes-") as tmp:
-            sc = score_frames(path, analysis_width=analysis_width, fps=fps, persist_frames=persist_frames,
-                              threads=threads, far_gaps=(int(params["far_gap"]),),
-                              rgb_path=Path(tmp) / "small.rgb")
-            dec = decide(sc, threshold=threshold, min_score=min_score, window_median=window,
-                         persist_ratio=DEFAULT_PERSIST_RATIO, **params)
+            early = Prescorer(kwargs)  # the network scores settled spans while ffmpeg decodes
+            try:
+                sc = score_frames(path, analysis_width=analysis_width, fps=fps, persist_frames=persist_frames,
+                                  threads=threads, far_gaps=(int(params["far_gap"]),),
+                                  rgb_path=Path(tmp) / "small.rgb", on_progress=early)
+            finally:
+                scored = early.finish()
+            dec = decide(sc, **kwargs, scored=scored)
         cuts = dec.cuts
-        extra = {"candidates": dec.candidates, "network_frames": dec.network_frames}
+        extra = {"candidates": dec.candidates, "network_frames": dec.network_frames, "prescored": dec.prescored}
     kept, dropped = split_scenes(cuts, sc.frame_count, sc.fps, min_scene_s)
     return SceneDetectionResult(
         fps=sc.fps, frame_count=sc.frame_count, cut_frames=tuple(cuts), scenes=kept, dropped=dropped,

@@ -30,6 +30,7 @@ the network misses dissolves it finds with more context (``bench/results/scenes.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -48,6 +49,7 @@ class HybridDecision:
     sure: tuple[int, ...]  # cuts decided by the stream signals alone
     candidates: int  # hard + gradual candidates sent to the network
     network_frames: int  # frames the network scored (union of the windows)
+    prescored: int = 0  # spans scored while the video was still being decoded
 
 
 def _local_max(x: np.ndarray, radius: int) -> np.ndarray:
@@ -98,17 +100,26 @@ def _is_flash(rgb: np.ndarray, cz: np.ndarray, cmed: np.ndarray, k: int, grad_sc
     return bright and not differ
 
 
-def decide(sc: FrameScores, *, threshold: float, min_score: float, window_median: int, persist_ratio: float,
-           sure_score: float, sure_ratio: float, sure_persist: float, cand_score: float, cand_ratio: float,
-           cand_persist: float, grad_score: float, grad_ratio: float, far_gap: int, hard_window: int,
-           grad_window: int, hard_threshold: float, grad_threshold: float, min_gap: int,
-           hard_weak: float, flash_luma: float, precision: str = "auto") -> HybridDecision:
-    """Boundaries of one scored video (see the module docstring); parameters: :data:`DEFAULTS`."""
-    from heaters_dagster.media.scenes.learned import score_windows
+@dataclass(frozen=True)
+class _Candidates:
+    s: np.ndarray
+    m: np.ndarray
+    farp: np.ndarray
+    sure: np.ndarray
+    hard: np.ndarray
+    grad: np.ndarray
+    cz: np.ndarray
+    cmed: np.ndarray
+    spans: list[tuple[int, int]]  # frame ranges the network scores (merged windows)
 
+
+def _candidates(sc: FrameScores, *, window_median: int, persist_ratio: float, sure_score: float, sure_ratio: float,
+                sure_persist: float, cand_score: float, cand_ratio: float, cand_persist: float, grad_score: float,
+                grad_ratio: float, far_gap: int, hard_window: int, grad_window: int, **_: object) -> _Candidates:
+    """Sure cuts, hard and gradual candidates and the network's spans, from the stream signals
+    alone. Every rule looks at most ``margin(params)`` frames ahead, so on the first frames of a
+    video still being decoded it gives what it will give on the whole video."""
     n = sc.frame_count
-    if n < 2:
-        return HybridDecision((), (), 0, 0)
     s = sc.score.astype(np.float64)
     ratio = s / np.maximum(sc.baseline(window_median), 1e-3)
     m = sc.persistence()
@@ -139,11 +150,44 @@ def decide(sc: FrameScores, *, threshold: float, min_score: float, window_median
     hard = hard[~near_sure[hard]]
     spans = _merge([(max(0, f - hard_window // 2), min(n, f + hard_window // 2)) for f in hard]
                    + [(max(0, f - grad_window // 2), min(n, f + grad_window // 2)) for f in grad])
+    return _Candidates(s=s, m=m, farp=farp, sure=sure, hard=hard, grad=grad, cz=cz, cmed=cmed,
+                       spans=[(int(x), int(y)) for x, y in spans])
+
+
+def margin(params: dict) -> int:
+    """Frames past a span's end that must be decoded before the span is final: the rules' look-ahead
+    (far distance, its rolling median, persistence) plus a window that a later candidate could merge in."""
+    g = int(params["far_gap"])
+    return 4 * g + 16 + int(max(params["grad_window"], params["hard_window"])) // 2
+
+
+def decide(sc: FrameScores, *, threshold: float, min_score: float, window_median: int, persist_ratio: float,
+           sure_score: float, sure_ratio: float, sure_persist: float, cand_score: float, cand_ratio: float,
+           cand_persist: float, grad_score: float, grad_ratio: float, far_gap: int, hard_window: int,
+           grad_window: int, hard_threshold: float, grad_threshold: float, min_gap: int,
+           hard_weak: float, flash_luma: float, precision: str = "auto",
+           scored: dict[tuple[int, int], np.ndarray] | None = None) -> HybridDecision:
+    """Boundaries of one scored video (see the module docstring); parameters: :data:`DEFAULTS`.
+    ``scored``: network probabilities of spans already scored (by a :class:`Prescorer`)."""
+    from heaters_dagster.media.scenes.learned import score_windows
+
+    n = sc.frame_count
+    if n < 2:
+        return HybridDecision((), (), 0, 0)
+    cand = _candidates(sc, window_median=window_median, persist_ratio=persist_ratio, sure_score=sure_score,
+                       sure_ratio=sure_ratio, sure_persist=sure_persist, cand_score=cand_score, cand_ratio=cand_ratio,
+                       cand_persist=cand_persist, grad_score=grad_score, grad_ratio=grad_ratio, far_gap=far_gap,
+                       hard_window=hard_window, grad_window=grad_window)
+    s, m, farp, sure, hard, grad, cz, cmed = cand.s, cand.m, cand.farp, cand.sure, cand.hard, cand.grad, cand.cz, cand.cmed
+    scored = scored or {}
     prob = np.zeros(n, np.float32)
-    net_frames = sum(b - a for a, b in spans)
-    if spans:
-        for (a, b), (single, _many) in zip(spans, score_windows(sc.rgb(), [tuple(x) for x in spans],
-                                                         precision=precision)):
+    net_frames = sum(b - a for a, b in cand.spans)
+    todo = [sp for sp in cand.spans if sp not in scored]
+    for sp in cand.spans:
+        if sp in scored:
+            prob[sp[0]:sp[1]] = scored[sp]
+    if todo:
+        for (a, b), (single, _many) in zip(todo, score_windows(sc.rgb(), todo, precision=precision)):
             prob[a:b] = single
     found: list[tuple[float, int]] = []
     for f in hard:  # TransNetV2 marks the last frame before a cut
@@ -170,4 +214,62 @@ def decide(sc: FrameScores, *, threshold: float, min_score: float, window_median
             kept.append(f)
             blocked[max(0, f - far_gap): f + far_gap + 1] = True
     return HybridDecision(tuple(sorted(int(f) for f in kept)), tuple(int(f) for f in sure), int(len(hard) + len(grad)),
-                          int(net_frames))
+                          int(net_frames), prescored=sum(1 for sp in cand.spans if sp in scored))
+
+
+class Prescorer:
+    """Scores the network's spans of a video on a worker thread while the stream pass is still
+    decoding it, so the network runs next to ffmpeg instead of after it.
+
+    :func:`~.stream.score_frames` calls it (``on_progress``) with the signals of the frames decoded
+    so far; spans that are final (more than :func:`margin` frames behind the last decoded frame) go
+    to the worker, which reads their frames from the RGB scratch file. :meth:`finish` returns what
+    it scored for :func:`decide`, which scores any other span itself: the result is the same as
+    without it, only sooner (a span the prefix got wrong is scored again, not trusted).
+    """
+
+    def __init__(self, params: dict) -> None:
+        """``params``: :func:`decide`'s keyword arguments (without ``scored``)."""
+        import queue
+        import threading
+
+        self.params = params
+        self.margin = margin(params)
+        self.scored: dict[tuple[int, int], np.ndarray] = {}
+        self._sent: set[tuple[int, int]] = set()
+        self._queue: "queue.Queue[tuple[Path, tuple[int, int]] | None]" = queue.Queue()
+        self._thread = threading.Thread(target=self._work, name="heaters-prescorer", daemon=True)
+        self._thread.start()
+
+    def __call__(self, partial: FrameScores) -> None:
+        n = partial.frame_count
+        if partial.rgb_path is None or n <= self.margin:
+            return
+        cand = _candidates(partial, **self.params)
+        for sp in cand.spans:
+            if sp[1] <= n - self.margin and sp not in self._sent:
+                self._sent.add(sp)
+                self._queue.put((partial.rgb_path, sp))
+
+    def _work(self) -> None:
+        from heaters_dagster.media.scenes.learned import score_windows
+
+        frame_bytes = 27 * 48 * 3
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            path, (a, b) = item
+            try:
+                frames = np.fromfile(path, dtype=np.uint8, count=(b - a) * frame_bytes,
+                                     offset=a * frame_bytes).reshape(b - a, 27, 48, 3)
+                (single, _many), = score_windows(frames, [(0, b - a)], precision=str(self.params["precision"]))
+                self.scored[(a, b)] = single
+            except Exception:  # noqa: BLE001 - decide() scores the span itself (and raises, if it must)
+                continue
+
+    def finish(self) -> dict[tuple[int, int], np.ndarray]:
+        """Wait for the worker; the spans it scored."""
+        self._queue.put(None)
+        self._thread.join()
+        return dict(self.scored)

@@ -50,6 +50,7 @@ import time
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -69,6 +70,7 @@ DEFAULT_MIN_GAP = 2
 _Y_BINS = 16  # luma histogram: Y >> 4
 _C_BITS = 3  # chroma histogram: (U >> 5, V >> 5) -> 8 x 8 joint bins
 _C_BINS = 1 << (2 * _C_BITS)
+_PROGRESS_FRAMES = 64  # on_progress: every 64 frames (a chunk) at first, then every 1/8 of those decoded
 _CHUNK_BYTES = 1 << 20  # read about 1 MiB of small frames (~130 at 96x54) at a time
 
 
@@ -313,11 +315,14 @@ def score_frames(
     threads: int = 0,
     far_gaps: tuple[int, ...] = (),
     rgb_path: Path | None = None,
+    on_progress: "Callable[[FrameScores], None] | None" = None,
 ) -> FrameScores:
     """Decode ``path`` once (small frames, streaming) and return the per-frame signals.
 
     ``far_gaps``: extra gaps ``g`` for which ``D(x, x+g)`` is kept (``FrameScores.far``);
-    ``rgb_path``: a scratch file to write every frame to as 48x27 RGB (``FrameScores.rgb``).
+    ``rgb_path``: a scratch file to write every frame to as 48x27 RGB (``FrameScores.rgb``);
+    ``on_progress``: called now and then during the decode with the signals of the frames decoded
+    so far (their RGB frames flushed to ``rgb_path``), e.g. to start work on them early.
     """
     path = Path(path)
     if not path.is_file():
@@ -345,6 +350,7 @@ def score_frames(
     view = memoryview(buf)
     tail: _Features | None = None  # last `keep` frames of the previous chunk
     total = 0
+    next_progress = _PROGRESS_FRAMES
     t0 = time.perf_counter()
     rgb_out = open(rgb_path, "wb") if rgb_path is not None else None  # noqa: SIM115 (closed below)
     with tempfile.TemporaryFile() as errf, slot():
@@ -375,6 +381,12 @@ def score_frames(
                             grow.extend(d[grow.n - base:])
                     total += n
                     tail = cat.slice(max(0, len(cat) - keep))
+                    if on_progress is not None and total >= next_progress:
+                        next_progress = total + max(_PROGRESS_FRAMES, total // 8)
+                        if rgb_out is not None:
+                            rgb_out.flush()
+                        on_progress(_snapshot(grows, total, out_fps, size, lookback, persist_frames, max_gap,
+                                              far_gaps, rgb_path, time.perf_counter() - t0))
                 if got < len(buf):
                     break
             rc = child.wait()  # raises MediaTimeoutError if the guard killed it
@@ -393,12 +405,18 @@ def score_frames(
             f"{path.name}: decoding failed after {total} frames: {_tail(stderr) or f'exit code {rc}'}")
     if total == 0:
         raise InvalidMediaError(f"{path.name}: the video stream decoded to no frames")
+    return _snapshot(grows, total, out_fps, size, lookback, persist_frames, max_gap, far_gaps, rgb_path, elapsed)
+
+
+def _snapshot(grows: dict, total: int, fps: float, size: tuple[int, int], lookback: int, persist_frames: int,
+              max_gap: int, far_gaps: tuple[int, ...], rgb_path: Path | None, elapsed: float) -> FrameScores:
+    """The signals of the first ``total`` frames (a copy: the pass goes on growing its buffers)."""
     gap_arrays = tuple(grows[g].array(total) for g in range(1, max_gap + 1))
     far = {g: grows[g].array(total) for g in far_gaps if g > 0}
     score = np.zeros(total, dtype=np.float32)
     score[1:] = gap_arrays[0][:-1]
     return FrameScores(
-        fps=out_fps, frame_count=total, score=score, gap=gap_arrays, analysis_size=size,
+        fps=fps, frame_count=total, score=score, gap=gap_arrays, analysis_size=size,
         decode_seconds=elapsed, lookback=lookback, persist_frames=persist_frames, far=far,
         rgb_path=Path(rgb_path) if rgb_path is not None else None,
     )
