@@ -187,3 +187,27 @@ def test_scored_windows_are_batched_only_with_equal_lengths(media: Path) -> None
         alone_single, alone_many = learned.score_windows(frames, [w], batch=1)[0]
         assert single.shape == (w[1] - w[0],)
         np.testing.assert_allclose(single, alone_single, atol=1e-2)
+
+
+def test_early_scoring_during_the_decode_changes_nothing(media: Path, tmp_path: Path) -> None:
+    # the globe with a cross-fade to another stretch of itself early on (so its span settles
+    # while the decode goes on): the network's spans scored while ffmpeg decodes give the same
+    # boundaries as scoring them all afterwards
+    from heaters_dagster.media.scenes import hybrid
+    from heaters_dagster.media.scenes.stream import DEFAULT_PERSIST_RATIO
+
+    path = media / "early.mp4"
+    _ffmpeg("-i", str(_globe()), "-filter_complex",
+            "[0:v]trim=start_frame=0:end_frame=120,setpts=PTS-STARTPTS[a];"
+            "[0:v]trim=start_frame=300:end_frame=600,setpts=PTS-STARTPTS[b];"
+            "[a][b]xfade=transition=fade:duration=0.25:offset=1.75,format=yuv420p[v]",
+            "-map", "[v]", "-c:v", "libx264", "-preset", "veryfast", "-crf", "18", "-r", "60", str(path))
+    det = detect_scenes(path, min_scene_s=0.0)
+    assert det.prescored >= 1  # something really was scored early
+    kwargs = dict(threshold=3.0, min_score=0.08, window_median=4, persist_ratio=DEFAULT_PERSIST_RATIO,
+                  **hybrid.DEFAULTS)
+    sc = score_frames(path, far_gaps=(int(hybrid.DEFAULTS["far_gap"]),), rgb_path=tmp_path / "rgb")
+    late = hybrid.decide(sc, **kwargs)
+    assert late.prescored == 0
+    assert det.cut_frames == late.cuts and det.network_frames == late.network_frames
+    assert [c for c in det.cut_frames if 100 <= c <= 125], det.cut_frames  # the cross-fade (frames 105-120)
