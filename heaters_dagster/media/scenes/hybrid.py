@@ -19,8 +19,8 @@ CPU has it (:mod:`.transnet_infer`). A hard candidate is a cut when the network 
 (``>= hard_threshold``), or when it agrees weakly (``>= hard_weak``) and the step is clean (it
 persists as for a sure cut). A gradual candidate gives one boundary at the most probable frame of
 its run (``>= grad_threshold``), unless that is a flash (:func:`_is_flash`). Two sure cuts under
-``far_gap`` frames apart (the two edges of a dip, a burst) are not sure: they become hard
-candidates. A boundary is dropped within ``far_gap / 2`` frames of a sure cut or ``far_gap`` of
+``far_gap`` frames apart around a dark picture (mean RGB under ``dark_luma``: the two edges of a
+dip to black) are not sure: they become hard candidates. A boundary is dropped within ``far_gap / 2`` frames of a sure cut or ``far_gap`` of
 a stronger boundary.
 
 The windows (24 and 40 frames) are the shortest that keep the benchmark's F1: at 16 / 32 frames
@@ -39,7 +39,7 @@ from heaters_dagster.media.scenes.stream import FrameScores
 DEFAULTS = dict(
     sure_score=0.04, sure_ratio=4.0, sure_persist=0.8, cand_score=0.04, cand_ratio=2.5, cand_persist=0.4,
     grad_score=0.10, grad_ratio=1.4, far_gap=16, hard_window=24, grad_window=40, hard_threshold=0.3,
-    hard_weak=0.08, grad_threshold=0.35, flash_luma=25.0, min_gap=4, precision="auto",
+    hard_weak=0.08, grad_threshold=0.35, flash_luma=25.0, dark_luma=40.0, min_gap=4, precision="auto",
 )
 
 
@@ -115,7 +115,8 @@ class _Candidates:
 
 def _candidates(sc: FrameScores, *, window_median: int, persist_ratio: float, sure_score: float, sure_ratio: float,
                 sure_persist: float, cand_score: float, cand_ratio: float, cand_persist: float, grad_score: float,
-                grad_ratio: float, far_gap: int, hard_window: int, grad_window: int, **_: object) -> _Candidates:
+                grad_ratio: float, far_gap: int, hard_window: int, grad_window: int, dark_luma: float,
+                **_: object) -> _Candidates:
     """Sure cuts, hard and gradual candidates and the network's spans, from the stream signals
     alone. Every rule looks at most ``margin(params)`` frames ahead, so on the first frames of a
     video still being decoded it gives what it will give on the whole video."""
@@ -131,8 +132,12 @@ def _candidates(sc: FrameScores, *, window_median: int, persist_ratio: float, su
     sure_mask = (peak & (s >= max(sure_score, 1e-6)) & (ratio >= sure_ratio) & (m >= sure_persist * s)
                  & (farp >= sure_persist * s) & (m >= persist_ratio * s))
     sure = np.flatnonzero(sure_mask)
-    if len(sure) > 1:  # two steps under far_gap frames apart (the edges of a dip or of a burst)
-        close = np.diff(sure) < far_gap  # are not sure: the network decides them
+    if len(sure) > 1 and sc.rgb_path is not None:
+        # two steps under far_gap frames apart around a dark picture (the two edges of a dip to
+        # black) are not sure: the network decides them. A short shot between two cuts stays.
+        rgb = sc.rgb()
+        close = np.array([b - a < far_gap and float(rgb[(a + b) // 2].mean()) < dark_luma
+                          for a, b in zip(sure[:-1], sure[1:])], bool)
         demote = np.zeros(len(sure), bool)
         demote[:-1] |= close
         demote[1:] |= close
@@ -165,7 +170,7 @@ def decide(sc: FrameScores, *, threshold: float, min_score: float, window_median
            sure_score: float, sure_ratio: float, sure_persist: float, cand_score: float, cand_ratio: float,
            cand_persist: float, grad_score: float, grad_ratio: float, far_gap: int, hard_window: int,
            grad_window: int, hard_threshold: float, grad_threshold: float, min_gap: int,
-           hard_weak: float, flash_luma: float, precision: str = "auto",
+           hard_weak: float, flash_luma: float, dark_luma: float, precision: str = "auto",
            scored: dict[tuple[int, int], np.ndarray] | None = None) -> HybridDecision:
     """Boundaries of one scored video (see the module docstring); parameters: :data:`DEFAULTS`.
     ``scored``: network probabilities of spans already scored (by a :class:`Prescorer`)."""
@@ -177,7 +182,7 @@ def decide(sc: FrameScores, *, threshold: float, min_score: float, window_median
     cand = _candidates(sc, window_median=window_median, persist_ratio=persist_ratio, sure_score=sure_score,
                        sure_ratio=sure_ratio, sure_persist=sure_persist, cand_score=cand_score, cand_ratio=cand_ratio,
                        cand_persist=cand_persist, grad_score=grad_score, grad_ratio=grad_ratio, far_gap=far_gap,
-                       hard_window=hard_window, grad_window=grad_window)
+                       hard_window=hard_window, grad_window=grad_window, dark_luma=dark_luma)
     s, m, farp, sure, hard, grad, cz, cmed = cand.s, cand.m, cand.farp, cand.sure, cand.hard, cand.grad, cand.cz, cand.cmed
     scored = scored or {}
     prob = np.zeros(n, np.float32)
