@@ -142,8 +142,10 @@ def detect_scenes(
                 sc = score_frames(path, analysis_width=analysis_width, fps=fps, persist_frames=persist_frames,
                                   threads=threads, far_gaps=(int(params["far_gap"]),),
                                   rgb_path=Path(tmp) / "small.rgb", on_progress=early)
-            finally:
-                scored = early.finish()
+            except BaseException:
+                early.finish(abandon=True)
+                raise
+            scored = early.finish()
             dec = decide(sc, **kwargs, scored=scored)
         cuts = dec.cuts
         extra = {"candidates": dec.candidates, "network_frames": dec.network_frames, "prescored": dec.prescored}

@@ -30,7 +30,6 @@ the network misses dissolves it finds with more context (``bench/results/scenes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -39,7 +38,7 @@ from heaters_dagster.media.scenes.stream import FrameScores
 DEFAULTS = dict(
     sure_score=0.04, sure_ratio=4.0, sure_persist=0.8, cand_score=0.04, cand_ratio=2.5, cand_persist=0.4,
     grad_score=0.10, grad_ratio=1.4, far_gap=16, hard_window=24, grad_window=40, hard_threshold=0.3,
-    hard_weak=0.08, grad_threshold=0.35, flash_luma=25.0, dark_luma=40.0, min_gap=4, precision="auto",
+    hard_weak=0.08, grad_threshold=0.35, flash_luma=25.0, dark_luma=40.0, precision="auto",
 )
 
 
@@ -83,18 +82,18 @@ def _merge(spans: list[tuple[int, int]]) -> list[list[int]]:
     return out
 
 
+def _luma(rgb: np.ndarray, i: int) -> float:
+    """Mean RGB of frame ``i`` (clamped to the video) of the 48x27 frames."""
+    return float(rgb[min(max(i, 0), len(rgb) - 1)].mean())
+
+
 def _is_flash(rgb: np.ndarray, cz: np.ndarray, cmed: np.ndarray, k: int, grad_score: float, grad_ratio: float,
               flash_luma: float) -> bool:
     """A boundary the network put at ``k`` is a flash: a frame just before it is brighter than
     both sides by ``flash_luma`` (of 255) *and* the pictures on both sides match (the far
     distance around ``k`` does not stand out). Two shots of one film that look alike are not
     brighter in between, so they are kept."""
-    n = len(rgb)
-
-    def luma(i: int) -> float:
-        return float(rgb[min(max(i, 0), n - 1)].mean())
-
-    bright = max(luma(j) for j in range(k - 3, k + 2)) > max(luma(k - 6), luma(k + 5)) + flash_luma
+    bright = max(_luma(rgb, j) for j in range(k - 3, k + 2)) > max(_luma(rgb, k - 6), _luma(rgb, k + 5)) + flash_luma
     around = cz[max(0, k - 2): k + 3]
     differ = bool(around.size and around.max() >= max(grad_score, grad_ratio * cmed[min(k, len(cmed) - 1)]))
     return bright and not differ
@@ -136,7 +135,7 @@ def _candidates(sc: FrameScores, *, window_median: int, persist_ratio: float, su
         # two steps under far_gap frames apart around a dark picture (the two edges of a dip to
         # black) are not sure: the network decides them. A short shot between two cuts stays.
         rgb = sc.rgb()
-        close = np.array([b - a < far_gap and float(rgb[(a + b) // 2].mean()) < dark_luma
+        close = np.array([b - a < far_gap and _luma(rgb, (a + b) // 2) < dark_luma
                           for a, b in zip(sure[:-1], sure[1:])], bool)
         demote = np.zeros(len(sure), bool)
         demote[:-1] |= close
@@ -169,7 +168,7 @@ def margin(params: dict) -> int:
 def decide(sc: FrameScores, *, threshold: float, min_score: float, window_median: int, persist_ratio: float,
            sure_score: float, sure_ratio: float, sure_persist: float, cand_score: float, cand_ratio: float,
            cand_persist: float, grad_score: float, grad_ratio: float, far_gap: int, hard_window: int,
-           grad_window: int, hard_threshold: float, grad_threshold: float, min_gap: int,
+           grad_window: int, hard_threshold: float, grad_threshold: float,
            hard_weak: float, flash_luma: float, dark_luma: float, precision: str = "auto",
            scored: dict[tuple[int, int], np.ndarray] | None = None) -> HybridDecision:
     """Boundaries of one scored video (see the module docstring); parameters: :data:`DEFAULTS`.
@@ -183,7 +182,8 @@ def decide(sc: FrameScores, *, threshold: float, min_score: float, window_median
                        sure_ratio=sure_ratio, sure_persist=sure_persist, cand_score=cand_score, cand_ratio=cand_ratio,
                        cand_persist=cand_persist, grad_score=grad_score, grad_ratio=grad_ratio, far_gap=far_gap,
                        hard_window=hard_window, grad_window=grad_window, dark_luma=dark_luma)
-    s, m, farp, sure, hard, grad, cz, cmed = cand.s, cand.m, cand.farp, cand.sure, cand.hard, cand.grad, cand.cz, cand.cmed
+    s, m, farp, cz, cmed = cand.s, cand.m, cand.farp, cand.cz, cand.cmed
+    sure, hard, grad = cand.sure, cand.hard, cand.grad
     scored = scored or {}
     prob = np.zeros(n, np.float32)
     net_frames = sum(b - a for a, b in cand.spans)
@@ -242,7 +242,8 @@ class Prescorer:
         self.margin = margin(params)
         self.scored: dict[tuple[int, int], np.ndarray] = {}
         self._sent: set[tuple[int, int]] = set()
-        self._queue: "queue.Queue[tuple[Path, tuple[int, int]] | None]" = queue.Queue()
+        self._queue: "queue.Queue[tuple[np.ndarray, tuple[int, int]] | None]" = queue.Queue()
+        self._abandoned = False
         self._thread = threading.Thread(target=self._work, name="heaters-prescorer", daemon=True)
         self._thread.start()
 
@@ -251,30 +252,33 @@ class Prescorer:
         if partial.rgb_path is None or n <= self.margin:
             return
         cand = _candidates(partial, **self.params)
+        rgb = partial.rgb()  # the frames decoded so far, flushed to the scratch file
         for sp in cand.spans:
             if sp[1] <= n - self.margin and sp not in self._sent:
                 self._sent.add(sp)
-                self._queue.put((partial.rgb_path, sp))
+                self._queue.put((rgb, sp))
 
     def _work(self) -> None:
         from heaters_dagster.media.scenes.learned import score_windows
 
-        frame_bytes = 27 * 48 * 3
         while True:
             item = self._queue.get()
             if item is None:
                 return
-            path, (a, b) = item
+            if self._abandoned:
+                continue
+            rgb, (a, b) = item
             try:
-                frames = np.fromfile(path, dtype=np.uint8, count=(b - a) * frame_bytes,
-                                     offset=a * frame_bytes).reshape(b - a, 27, 48, 3)
+                frames = np.array(rgb[a:b])
                 (single, _many), = score_windows(frames, [(0, b - a)], precision=str(self.params["precision"]))
                 self.scored[(a, b)] = single
             except Exception:  # noqa: BLE001 - decide() scores the span itself (and raises, if it must)
                 continue
 
-    def finish(self) -> dict[tuple[int, int], np.ndarray]:
-        """Wait for the worker; the spans it scored."""
+    def finish(self, abandon: bool = False) -> dict[tuple[int, int], np.ndarray]:
+        """Wait for the worker; the spans it scored. ``abandon``: skip what is still queued (the
+        decode failed or was interrupted, so nothing will use it)."""
+        self._abandoned = abandon
         self._queue.put(None)
         self._thread.join()
         return dict(self.scored)
