@@ -75,7 +75,9 @@ def splice(ctx: Any, item: ItemSnapshot) -> ItemOutput:
         raise PermanentError(f"video {item.id} has no normalised file; run ingest first")
     fps = float(item["fps"])
     with ctx.store.local_copy(item["normalized_key"]) as src:
-        det = detect_scenes(src, fps=fps, **_pick(ctx.params, "detector", "threshold", "min_scene_s", "hybrid"))
+        duration = item["duration_s"]  # with fps (both from ingest), the detector's decode needs no probe
+        det = detect_scenes(src, fps=fps, duration_s=float(duration) if duration is not None else None,
+                            **_pick(ctx.params, "detector", "threshold", "min_scene_s", "hybrid"))
         spans = [(s.start_frame, s.end_frame) for s in det.scenes]
         ctx.info(item, "%d cuts, %d scenes kept, %d dropped as too short", len(det.cut_frames), len(spans),
                  len(det.dropped))

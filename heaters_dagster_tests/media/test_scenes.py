@@ -237,6 +237,37 @@ def test_fps_argument(media: Path) -> None:
         assert a.start_s == pytest.approx(b.start_s, abs=1 / 15 + 1e-9)
 
 
+def test_known_rate_and_duration_skip_the_probe(media: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The splice stage passes the rate and duration ingest recorded: the decode then starts without
+    an ffprobe run, with the same signals as the probed path."""
+    video = make_video(media / "known.mp4", (1.0, 1.2, 0.8), fps=25, audio=False)
+    probed = score_frames(video.path)
+    probes: list[Path] = []
+    real_probe = scenes_mod._probe
+    monkeypatch.setattr(scenes_mod, "_probe", lambda p: probes.append(p) or real_probe(p))
+    known = score_frames(video.path, fps=25.0, duration_s=video.frame_count / 25)
+    assert probes == []
+    assert known.frame_count == probed.frame_count == video.frame_count
+    assert known.analysis_size == probed.analysis_size and known.fps == probed.fps == 25.0
+    np.testing.assert_array_equal(known.score, probed.score)
+    assert find_cuts(known) == find_cuts(probed)
+    score_frames(video.path, fps=25.0)  # no duration: probed for the decode's time limit
+    assert probes == [video.path]
+
+
+def test_decoded_size_is_analysis_size_for(media: Path) -> None:
+    """ffmpeg computes the analysis size from the source's own size (no probe): the same rule as
+    analysis_size_for, for landscape, portrait, odd and very wide sources."""
+    for w, h in ((320, 180), (180, 320), (250, 130), (1000, 8)):
+        p = media / f"size_{w}x{h}.mp4"
+        subprocess.run([ffmpeg_bin(), "-y", "-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i",
+                        f"testsrc=size={w}x{h}:rate=10:duration=0.5", "-pix_fmt", "yuv444p",
+                        "-c:v", "libx264", "-preset", "ultrafast", str(p)], check=True)
+        sc = score_frames(p, analysis_width=64)
+        assert sc.analysis_size == analysis_size_for(w, h, 64), (w, h)
+        assert sc.frame_count == 5
+
+
 def test_small_chunks_give_identical_results(media: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     video = make_video(media / "chunks.mp4", (1.0, 0.7, 1.3, 1.1), fps=24, flash_frames=(30, 62),
                        audio=False)
@@ -258,6 +289,7 @@ def test_analysis_size_keeps_aspect_and_is_even() -> None:
     assert analysis_size_for(640, 480, 97) == (96, 72)
     w, h = analysis_size_for(7, 3001, 64)
     assert w % 2 == 0 and h % 2 == 0 and h > w
+    assert analysis_size_for(3000, 8, 96) == (96, 2)
 
 
 def test_split_scenes_is_a_partition() -> None:

@@ -96,6 +96,7 @@ def detect_scenes(
     min_scene_s: float = 1.0,
     analysis_width: int = DEFAULT_ANALYSIS_WIDTH,
     fps: float | None = None,
+    duration_s: float | None = None,
     min_score: float = DEFAULT_MIN_SCORE,
     window: int = DEFAULT_WINDOW,
     persist_frames: int = DEFAULT_PERSIST_FRAMES,
@@ -107,6 +108,7 @@ def detect_scenes(
     ``threshold`` is the stream pass's adaptive ratio a frame's score must reach over its
     neighbours' median (default 3.0); ``min_score`` the absolute floor of a cut's score (0..1);
     ``fps`` the frame rate the caller uses for frame <-> time (default: the stream's);
+    ``duration_s`` the source's duration if known (with ``fps``, the decode needs no probe);
     ``threads`` ffmpeg's decoder threads (0 = auto); ``hybrid`` overrides of the hybrid's
     parameters (:data:`.hybrid.DEFAULTS`). Raises :class:`InvalidMediaError` for missing, empty
     or undecodable input, :class:`ValueError` for bad parameters.
@@ -120,8 +122,8 @@ def detect_scenes(
         raise ValueError(f"min_scene_s must be >= 0, got {min_scene_s!r}")
     t0 = time.perf_counter()
     if detector == "stream":
-        sc = score_frames(path, analysis_width=analysis_width, fps=fps, persist_frames=persist_frames,
-                          threads=threads)
+        sc = score_frames(path, analysis_width=analysis_width, fps=fps, duration_s=duration_s,
+                          persist_frames=persist_frames, threads=threads)
         cuts = find_cuts(sc, threshold=threshold, min_score=min_score, window=window)
         extra: dict[str, int] = {}
     else:
@@ -139,8 +141,8 @@ def detect_scenes(
         with tempfile.TemporaryDirectory(prefix="heaters-scenes-") as tmp:
             early = Prescorer(kwargs)  # the network scores settled spans while ffmpeg decodes
             try:
-                sc = score_frames(path, analysis_width=analysis_width, fps=fps, persist_frames=persist_frames,
-                                  threads=threads, far_gaps=(int(params["far_gap"]),),
+                sc = score_frames(path, analysis_width=analysis_width, fps=fps, duration_s=duration_s,
+                                  persist_frames=persist_frames, threads=threads, far_gaps=(int(params["far_gap"]),),
                                   rgb_path=Path(tmp) / "small.rgb", on_progress=early)
             except BaseException:
                 early.finish(abandon=True)

@@ -1,8 +1,8 @@
 """The streaming small-frame pass: per-frame cut signals from one small decode (and hard-cut rules).
 
 One ffmpeg process decodes the source and downscales every frame to a tiny YUV 4:2:0 image
-(``analysis_width`` pixels wide, ``fast_bilinear``) which it writes as rawvideo on stdout. Python
-reads that pipe in fixed-size chunks of frames, so memory stays flat whatever the source length
+(``analysis_width`` pixels wide, ``fast_bilinear``) which it writes as yuv4mpeg on stdout (its
+header says the size). Python reads that pipe in fixed-size chunks of frames, so memory stays flat whatever the source length
 or resolution: only a chunk of small frames plus a few float32 numbers per frame are ever held.
 
 Every pair of frames ``(a, b)`` gets a *distance* ``D(a, b)`` in ``[0, 1]``:
@@ -31,7 +31,9 @@ when all of the following hold:
 4. **non-maximum suppression**: of candidates at most ``min_gap`` (2) frames apart only the
    strongest is kept (a flash right before a cut gives two candidates a frame apart).
 
-The frame count comes from the decoded stream (constant frame rate at the stream's rate).
+The frame count comes from the decoded stream (constant frame rate at the stream's rate, or at the
+caller's ``fps``). A caller that knows the frame rate and duration (the splice stage: ingest
+recorded them) passes them and the decode starts without an ffprobe run first.
 
 For the hybrid detector (:mod:`.hybrid`) the same pass also computes distances over longer gaps
 (``far_gaps``: ``D(x, x+g)``, which rise across a gradual transition) and can write every frame
@@ -42,6 +44,7 @@ needed.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import subprocess
@@ -191,10 +194,22 @@ def _probe(path: Path) -> tuple[int, int, Fraction, float | None]:
 
 
 def analysis_size_for(width: int, height: int, analysis_width: int) -> tuple[int, int]:
-    """Even (w, h) of the analysed frames: ``analysis_width`` wide, source aspect kept."""
-    w = max(2, int(analysis_width) // 2 * 2)
-    h = max(2, int(round(w * height / width / 2.0)) * 2)
+    """Even (w, h) of the analysed frames: ``analysis_width`` wide, source aspect kept (what the
+    decode's scale expression, :func:`_scale_expr`, computes from the source's size)."""
+    w = _even(analysis_width)
+    h = max(2, int(math.floor(w * height / width / 2.0 + 0.5)) * 2)
     return w, h
+
+
+def _even(analysis_width: int) -> int:
+    return max(2, int(analysis_width) // 2 * 2)
+
+
+def _scale_expr(analysis_width: int) -> str:
+    """ffmpeg ``scale`` arguments for :func:`analysis_size_for`'s size, evaluated by ffmpeg on the
+    source's size (so the decode needs no probe; the y4m header says the result)."""
+    w = _even(analysis_width)
+    return f"{w}:'max(2,trunc({w}*ih/iw/2+0.5)*2)'"
 
 
 # -- decoding + per-frame signals -----------------------------------------------------------------
@@ -285,8 +300,7 @@ class _Grow:
         return out
 
 
-def _decode_args(path: Path, size: tuple[int, int], rate: Fraction, threads: int) -> list[str]:
-    w, h = size
+def _decode_args(path: Path, analysis_width: int, rate: Fraction, threads: int) -> list[str]:
     return [
         ffmpeg_bin(), "-hide_banner", "-nostdin", "-loglevel", "error",
         "-threads", str(threads), "-noautorotate",
@@ -298,11 +312,35 @@ def _decode_args(path: Path, size: tuple[int, int], rate: Fraction, threads: int
         # fast_bilinear: a 2-tap decimation costs next to nothing next to decoding, and the
         # small aliasing it leaves is noise the adaptive ratio absorbs.
         # fps first: a constant-rate stream at the rate used for frame <-> time (a no-op for a
-        # constant-rate source at its own rate; drops frames before scaling when resampling down)
-        "-vf", f"fps={rate.numerator}/{rate.denominator},scale={w}:{h}:flags=fast_bilinear",
+        # constant-rate source at its own rate; drops frames before scaling when resampling down).
+        "-vf", f"fps={rate.numerator}/{rate.denominator},scale={_scale_expr(analysis_width)}:flags=fast_bilinear",
         "-fps_mode", "passthrough",
-        "-pix_fmt", "yuv420p", "-f", "rawvideo", "pipe:1",
+        "-pix_fmt", "yuv420p", "-f", "yuv4mpegpipe", "pipe:1",
     ]
+
+
+_Y4M_FRAME = b"FRAME\n"
+
+
+def _y4m_size(stream: "io.RawIOBase", name: str) -> tuple[int, int] | None:
+    """(w, h) from the yuv4mpeg stream header, or None when the stream ended before one."""
+    line = bytearray()
+    while not line.endswith(b"\n"):
+        b = stream.read(1)
+        if not b:
+            return None
+        line += b
+        if len(line) > 4096:
+            break
+    fields = bytes(line).split()
+    if not fields or fields[0] != b"YUV4MPEG2":
+        raise FFmpegError(f"scene detection decode of {name}: not a yuv4mpeg stream", permanent=False)
+    params = {f[:1]: f[1:] for f in fields[1:]}
+    try:
+        return int(params[b"W"]), int(params[b"H"])
+    except (KeyError, ValueError) as exc:
+        raise FFmpegError(f"scene detection decode of {name}: yuv4mpeg header without a frame size",
+                          permanent=False) from exc
 
 
 def score_frames(
@@ -310,6 +348,7 @@ def score_frames(
     *,
     analysis_width: int = DEFAULT_ANALYSIS_WIDTH,
     fps: float | None = None,
+    duration_s: float | None = None,
     lookback: int = DEFAULT_LOOKBACK,
     persist_frames: int = DEFAULT_PERSIST_FRAMES,
     threads: int = 0,
@@ -319,6 +358,9 @@ def score_frames(
 ) -> FrameScores:
     """Decode ``path`` once (small frames, streaming) and return the per-frame signals.
 
+    ``fps``: the frame rate for frame <-> time (default: the stream's); ``duration_s``: the
+    source's duration, for the decode's time limit. When the caller knows both (the splice stage
+    does: ingest recorded them), the decode starts at once; otherwise ffprobe reads them first.
     ``far_gaps``: extra gaps ``g`` for which ``D(x, x+g)`` is kept (``FrameScores.far``);
     ``rgb_path``: a scratch file to write every frame to as 48x27 RGB (``FrameScores.rgb``);
     ``on_progress``: called now and then during the decode with the signals of the frames decoded
@@ -329,47 +371,57 @@ def score_frames(
         raise InvalidMediaError(f"{path}: no such file")
     if path.stat().st_size == 0:
         raise InvalidMediaError(f"{path.name}: file is empty (0 bytes)")
-    width, height, rate, duration = _probe(path)
-    if fps is not None:
-        if not (fps > 0 and math.isfinite(fps)):
-            raise ValueError(f"fps must be positive, got {fps!r}")
-        if abs(float(rate) - fps) > 1e-3 * fps:  # caller wants another rate: resample to it
+    if fps is not None and not (fps > 0 and math.isfinite(fps)):
+        raise ValueError(f"fps must be positive, got {fps!r}")
+    if duration_s is not None and not (duration_s >= 0 and math.isfinite(duration_s)):
+        raise ValueError(f"duration_s must be >= 0, got {duration_s!r}")
+    if fps is None or duration_s is None:
+        _, _, rate, probed = _probe(path)
+        duration_s = probed if duration_s is None else duration_s
+        if fps is not None and abs(float(rate) - fps) > 1e-3 * fps:  # another rate: resample to it
             rate = Fraction(fps).limit_denominator(1001)
-        out_fps = float(fps)
     else:
-        out_fps = float(rate)
-    size = analysis_size_for(width, height, analysis_width)
-    w, h = size
-    frame_bytes = w * h + 2 * (w // 2) * (h // 2)
-    chunk_frames = max(16, _CHUNK_BYTES // frame_bytes)
+        rate = Fraction(fps).limit_denominator(1001)
+    out_fps = float(rate) if fps is None else float(fps)
     max_gap = max(1, lookback + persist_frames - 1)
     want = sorted(set(range(1, max_gap + 1)) | {int(g) for g in far_gaps if g > 0})
     grows = {g: _Grow() for g in want}  # grows[g] holds D(x, x+g) for x = 0, 1, ...
     keep = want[-1]  # frames carried over between chunks
-    buf = bytearray(chunk_frames * frame_bytes)
-    view = memoryview(buf)
     tail: _Features | None = None  # last `keep` frames of the previous chunk
     total = 0
+    size = (0, 0)
     next_progress = _PROGRESS_FRAMES
     t0 = time.perf_counter()
     rgb_out = open(rgb_path, "wb") if rgb_path is not None else None  # noqa: SIM115 (closed below)
     with tempfile.TemporaryFile() as errf, slot():
         with Supervised(
-            _decode_args(path, size, rate, threads), what=f"scene detection decode of {path.name}",
-            duration_s=duration, stdout=subprocess.PIPE, stderr=errf, bufsize=0,
+            _decode_args(path, analysis_width, rate, threads), what=f"scene detection decode of {path.name}",
+            duration_s=duration_s, stdout=subprocess.PIPE, stderr=errf, bufsize=0,
         ) as child:
             proc = child.proc
             assert proc.stdout is not None
-            while True:
+            got_size = _y4m_size(proc.stdout, path.name)  # None: ffmpeg wrote nothing (see rc below)
+            if got_size is not None:
+                size = w, h = got_size
+                frame_bytes = w * h + 2 * (w // 2) * (h // 2)
+                record = len(_Y4M_FRAME) + frame_bytes  # "FRAME\n" + the three planes
+                chunk_frames = max(16, _CHUNK_BYTES // frame_bytes)
+                buf = bytearray(chunk_frames * record)
+                view = memoryview(buf)
+            while got_size is not None:
                 got = 0
                 while got < len(buf):
                     k = proc.stdout.readinto(view[got:])
                     if not k:
                         break
                     got += k
-                n = got // frame_bytes
+                n = got // record
                 if n:
-                    raw = np.frombuffer(buf, dtype=np.uint8, count=n * frame_bytes).reshape(n, frame_bytes)
+                    recs = np.frombuffer(buf, dtype=np.uint8, count=n * record).reshape(n, record)
+                    if recs[:, :len(_Y4M_FRAME)].tobytes() != _Y4M_FRAME * n:
+                        raise FFmpegError(f"scene detection decode of {path.name}: yuv4mpeg frame "
+                                          "headers with parameters are not supported", permanent=False)
+                    raw = np.ascontiguousarray(recs[:, len(_Y4M_FRAME):])
                     feats = _Features.from_raw(raw, w, h)
                     cat = feats if tail is None else _Features.concat(tail, feats)
                     base = total - (0 if tail is None else len(tail))  # global index of cat[0]
