@@ -59,9 +59,9 @@ BASE_ENV = {"HEATERS_AUTO_APPROVE": "1", "HEATERS_CLIP_PRETRAINED": "none"}
 # "before": Dagster's default run queue interval (5 s), the multiprocess executor, a run per
 # tick's ready items. "after": the issue-8 settings: the run queue every second (the default
 # now), a 2 s batch window on the stage sensors while a stage has a run in flight, and each
-# stage job's one step in the run worker (HEATERS_INPROCESS_EXECUTOR).
+# stage job's one step in the run worker (HEATERS_INPROCESS_EXECUTOR, the default now too).
 VARIANTS: dict[str, dict[str, str]] = {
-    "before": {"HEATERS_DEQUEUE_INTERVAL_S": "5"},
+    "before": {"HEATERS_DEQUEUE_INTERVAL_S": "5", "HEATERS_INPROCESS_EXECUTOR": "0"},
     "after": {"HEATERS_DEQUEUE_INTERVAL_S": "1", "HEATERS_BATCH_WAIT_S": "2", "HEATERS_INPROCESS_EXECUTOR": "1"},
 }
 

@@ -185,8 +185,9 @@ class Settings(BaseSettings):
     batch_size: Annotated[int, _number("a whole number", whole=True, minimum=0)] = _setting(
         0, "stage sensors: how many ready items make a full batch (0: the stage's `max_partitions_per_run`)", "0")
     inprocess_executor: bool = _setting(
-        False, "run each stage job's one step inside the run worker (Dagster's `in_process_executor`) instead of "
-        "a step subprocess of its own: one process launch and import less per run", "off")
+        True, "run each stage job's one step inside the run worker (Dagster's `in_process_executor`) instead of "
+        "a step subprocess of its own: one process launch and import less per run (0: the multiprocess "
+        "executor)", "on")
     dequeue_interval_s: Count = _setting(
         1, "how often the daemon's run queue launches queued runs (`run_coordinator` in dagster.yaml; read by "
         "`heaters dev`)", "1")

@@ -36,6 +36,9 @@ DEV_ENV = {
     "HEATERS_CLIP_PRETRAINED": "none",
     "HEATERS_ALLOW_PRIVATE_URLS": "1",  # the stall test serves its URL on loopback
     "HEATERS_STALL_TIMEOUT_S": "10",
+    # the multiprocess layout (a step process under the run worker); test_daemon_faults_inprocess.py
+    # runs the same kind of faults with the in-process executor, the default
+    "HEATERS_INPROCESS_EXECUTOR": "0",
 }
 
 
