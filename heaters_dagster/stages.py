@@ -124,11 +124,14 @@ STAGES: tuple[Stage, ...] = (
         output_state=V.DOWNLOADED,
         failure_state=V.INGESTION_FAILED,
         handler=f"{_H}:ingest",
-        description="Fetch the submitted video (yt-dlp for URLs), validate it with ffprobe and "
-        "normalise it to constant-frame-rate H.264/AAC MP4 with faststart.",
+        description="Fetch the submitted video (yt-dlp for URLs), validate it with ffprobe, detect its "
+        "scenes and normalise it to constant-frame-rate H.264/AAC MP4 with faststart and a keyframe at "
+        "every cut (the scene plan splice cuts by).",
         io_manager_key="video_io_manager",
         max_partitions_per_run=4,
-        params={"crf": 20, "preset": "fast", "audio_bitrate": "192k"},
+        # detect_first: detect scenes on the source (with splice's detection parameters) and force
+        # keyframes at the cuts, so splice cuts clips by stream copy (heaters_dagster.pipeline.scene_plan)
+        params={"crf": 20, "preset": "fast", "audio_bitrate": "192k", "detect_first": True},
         kinds=("ffmpeg", "yt-dlp"),
     ),
     Stage(
@@ -139,8 +142,10 @@ STAGES: tuple[Stage, ...] = (
         output_state=V.SPLICED,
         failure_state=V.SPLICING_FAILED,
         handler=f"{_H}:splice",
-        description="Detect scenes on a downscaled decode stream and cut one H.264/AAC file per scene; "
-        "clips are inserted as `spliced` and registered in the shared `clips` partition set.",
+        description="Cut one H.264/AAC file per scene: by stream copy at the cuts ingest found and forced "
+        "as keyframes, or, when that plan does not apply, detect scenes on a downscaled decode of the "
+        "normalised file and encode the clips; clips are inserted as `spliced` and registered in the "
+        "shared `clips` partition set.",
         io_manager_key="video_io_manager",
         max_partitions_per_run=4,
         upstream=("ingest",),

@@ -81,6 +81,9 @@ class SourceVideo(ClaimMixin, TimestampMixin, Base):
     width: Mapped[Optional[int]] = mapped_column(Integer)
     height: Mapped[Optional[int]] = mapped_column(Integer)
     frame_count: Mapped[Optional[int]] = mapped_column(Integer)
+    # ingest's scene detection on the source (cuts forced as keyframes): splice's plan, see
+    # heaters_dagster.pipeline.scene_plan
+    scene_plan: Mapped[Optional[dict[str, Any]]] = mapped_column(JSONB(none_as_null=True))
     last_error: Mapped[Optional[str]] = mapped_column(Text)
     retry_count: Mapped[int] = mapped_column(Integer, server_default="0")
     version: Mapped[int] = mapped_column(Integer, server_default="0")

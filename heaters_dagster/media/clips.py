@@ -16,6 +16,14 @@ How it works (one video decode for many clips):
    to a few frames of audio at every cut, because it splits the interleaved stream at the
    keyframe's decode time, which B-frames put ahead of its display time.)
 
+**Stream copy where the source allows it.** A span that starts on a keyframe of the source and
+ends on one (or at its end) needs no encode: its packets are copied (``video="auto"``, the
+default). Ingest forces keyframes at the cuts scene detection found (``normalize(keyframes=)``),
+so splice copies every clip and only spans that start elsewhere (a split) are encoded. Which
+frames are keyframes is read from the packets' flags (one ffprobe pass, no decode), never
+assumed; an IDR keyframe in a closed-GOP H.264 stream means no frame before it is referenced
+after it, so the copied packets decode to exactly the span's frames.
+
 Everything is written into a hidden temporary folder beside the outputs and moved into place
 only when every clip succeeded. ffmpeg streams, so memory stays flat whatever the source length.
 """
@@ -34,7 +42,7 @@ from pathlib import Path
 from typing import Sequence
 
 from heaters_dagster.errors import FFmpegError, InvalidMediaError, PermanentError
-from heaters_dagster.media.ffmpeg_tools import ffmpeg_bin, run
+from heaters_dagster.media.ffmpeg_tools import ffmpeg_bin, ffprobe_bin, run
 from heaters_dagster.media.probe import ProbeResult, probe, raise_media_error
 
 # Gaps between spans up to this long are encoded and thrown away rather than re-seeking: encoding
@@ -62,6 +70,7 @@ class ClipFile:
 class CutResult:
     clips: tuple[ClipFile, ...]
     source_path: Path
+    copied: int = 0  # clips whose video was stream-copied (the rest were encoded)
 
 
 @dataclass
@@ -201,6 +210,55 @@ def _encode_batch(
         gap.unlink(missing_ok=True)
 
 
+def keyframe_frames(src: str | os.PathLike[str], timeout: float | None = None) -> frozenset[int]:
+    """Display indices of the first video stream's keyframes, from its packets' flags (no decode).
+
+    Empty when a packet has no timestamp (the order cannot be known): nothing is then copied.
+    """
+    src = Path(src)
+    try:
+        proc = run([ffprobe_bin(), "-v", "error", "-select_streams", "v:0", "-show_entries", "packet=pts,flags",
+                    "-of", "csv=p=0", str(src)], what=f"read the keyframes of {src.name}", timeout=timeout)
+    except FFmpegError as exc:
+        raise_media_error(exc, f"reading the keyframes of {src.name} failed")
+    packets: list[tuple[int, bool]] = []
+    for line in (proc.stdout or b"").decode("ascii", "replace").splitlines():
+        pts, _, flags = line.strip().partition(",")
+        if not pts:
+            continue
+        try:
+            packets.append((int(pts), "K" in flags))
+        except ValueError:  # "N/A": no order to rely on
+            return frozenset()
+    packets.sort()
+    return frozenset(i for i, (_, key) in enumerate(packets) if key)
+
+
+def _copy_video(src: Path, info: ProbeResult, rate: Fraction, jobs: list[_Job], work: Path, tag: str, *,
+                final: bool, timeout: float | None) -> None:
+    """Copy each job's packets (its span starts on a keyframe) into its own segment file."""
+    args = [ffmpeg_bin(), "-hide_banner", "-nostdin", "-v", "error", "-y"]
+    for job in jobs:
+        # The seek lands on the keyframe at or before this time: the span's first frame (the margin
+        # absorbs rounding); a stream copy keeps every packet from that keyframe on.
+        args += ["-ss", _seconds(info.video_start_s + (job.start + SEEK_MARGIN_FRAMES) / rate), "-i", str(src)]
+    for k, job in enumerate(jobs):
+        job.segment = work / f"{tag}_{k:05d}.mp4"
+        args += [
+            "-map", f"{k}:V:0", "-an", "-sn", "-dn", "-map_metadata", "-1", "-map_chapters", "-1",
+            "-frames:v", str(job.end - job.start), "-c:v", "copy",
+            # the span's first frame at t=0 (decode times before it stay negative, as in an encode)
+            "-bsf:v", "setts=pts=PTS-STARTPTS:dts=DTS-STARTPTS", "-avoid_negative_ts", "disabled",
+            "-movflags", "+faststart", "-f", "mp4", str(job.segment),
+        ]
+        if final:
+            job.staged = job.segment
+    try:
+        run(args, what=f"copy clips from {src.name}", timeout=timeout)
+    except FFmpegError as exc:
+        raise_media_error(exc, f"copying clips from {src.name} failed")
+
+
 def _mux_audio(
     src: Path, info: ProbeResult, rate: Fraction, jobs: list[_Job], *,
     audio_bitrate: str, timeout: float | None,
@@ -234,7 +292,10 @@ def _mux_audio(
 def _cut(
     src: str | os.PathLike[str], spans: Sequence[tuple[int, int]], targets: Sequence[Path], *,
     fps: float, crf: int, preset: str, audio_bitrate: str, max_gap_s: float, timeout: float | None,
+    video: str = "auto",
 ) -> CutResult:
+    if video not in ("auto", "encode"):
+        raise ValueError(f"video must be 'auto' or 'encode', got {video!r}")
     src_p = Path(src)
     info = probe(src_p)
     rate = _source_rate(fps, info)
@@ -254,8 +315,15 @@ def _cut(
     work.mkdir()
     moved: list[Path] = []
     try:
+        total = info.frame_count or max(j.end for j in jobs)
+        keys = keyframe_frames(src_p, timeout) if video == "auto" else frozenset()
+        copied = [j for j in jobs if j.start in keys and (j.end in keys or j.end >= total)]
+        for g in range(0, len(copied), MUX_GROUP):
+            _copy_video(src_p, info, rate, copied[g:g + MUX_GROUP], work, f"c{g:05d}",
+                        final=not info.has_audio, timeout=timeout)
+        encoded = [j for j in jobs if j.segment is None]
         max_gap = int(max_gap_s * float(rate))
-        for i, batch in enumerate(_plan(jobs, max_gap)):
+        for i, batch in enumerate(_plan(encoded, max_gap)):
             _encode_batch(
                 src_p, info, rate, batch, work, f"b{i:04d}", crf=crf, preset=preset,
                 final=not info.has_audio, timeout=timeout,
@@ -282,18 +350,18 @@ def _cut(
         raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return CutResult(clips=tuple(clips), source_path=src_p)
+    return CutResult(clips=tuple(clips), source_path=src_p, copied=len(copied))
 
 
 def cut_range(
     src: str | os.PathLike[str], start_frame: int, end_frame: int, dst: str | os.PathLike[str], *,
     fps: float, crf: int = 23, preset: str = "veryfast", audio_bitrate: str = "128k",
-    timeout: float | None = None,
+    timeout: float | None = None, video: str = "auto",
 ) -> ClipFile:
     """Write frames ``[start_frame, end_frame)`` of ``src`` to ``dst`` (H.264/AAC MP4)."""
     result = _cut(
         src, [(start_frame, end_frame)], [Path(dst)], fps=fps, crf=crf, preset=preset,
-        audio_bitrate=audio_bitrate, max_gap_s=0.0, timeout=timeout,
+        audio_bitrate=audio_bitrate, max_gap_s=0.0, timeout=timeout, video=video,
     )
     return result.clips[0]
 
@@ -302,11 +370,14 @@ def cut_clips(
     src: str | os.PathLike[str], spans: Sequence[tuple[int, int]], out_dir: str | os.PathLike[str], *,
     fps: float, names: Sequence[str] | None = None, crf: int = 23, preset: str = "veryfast",
     audio_bitrate: str = "128k", max_gap_s: float = MAX_GAP_S, timeout: float | None = None,
+    video: str = "auto",
 ) -> CutResult:
     """Cut every span ``(start_frame, end_frame)`` of ``src`` into its own MP4 in ``out_dir``.
 
     ``names`` are plain file names (".mp4" is added when they have no suffix); by default clips
     are named ``clip_00000.mp4`` ... in span order. Results keep the order of ``spans``.
+    ``video``: "auto" copies the packets of spans bounded by keyframes and encodes the others;
+    "encode" encodes every span.
     """
     out = Path(out_dir)
     if names is None:
@@ -320,5 +391,5 @@ def cut_clips(
         targets.append(out / (name if Path(name).suffix else f"{name}.mp4"))
     return _cut(
         src, spans, targets, fps=fps, crf=crf, preset=preset, audio_bitrate=audio_bitrate,
-        max_gap_s=max_gap_s, timeout=timeout,
+        max_gap_s=max_gap_s, timeout=timeout, video=video,
     )

@@ -2,7 +2,12 @@
 
 Everything downstream (scene detection, frame-exact clip cutting, sprites, keyframes) counts
 frames, so the normalised file must have one frame per 1/fps second with no gaps or duplicates:
-ffmpeg's ``-fps_mode cfr`` at the source's nominal rate guarantees that.
+ffmpeg's ``fps`` filter at the source's nominal rate guarantees that (``-fps_mode cfr`` keeps the
+muxed timestamps on the grid). It is the filter scene detection's decode uses too, so a detection
+run on the *source* at the same rate numbers its frames as the normalised file will.
+
+``keyframes``: frames at which the encoder must start a new GOP (an IDR frame). Ingest passes the
+cuts scene detection found on the source, so splice can cut every clip by stream copy.
 
 Durations are *measured*, not trusted: the result describes the normalised file, i.e. what
 could actually be decoded. A source whose container claims more than it holds (a header that
@@ -20,7 +25,9 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, replace
+from fractions import Fraction
 from pathlib import Path
+from typing import Sequence
 
 from heaters_dagster.errors import FFmpegError, InvalidMediaError
 from heaters_dagster.media.ffmpeg_tools import ffmpeg_bin, run
@@ -31,6 +38,8 @@ log = logging.getLogger(__name__)
 # A normalised file shorter than its source by more than this means the input ended early.
 _SHORT_TOLERANCE_S = 0.5
 _SHORT_TOLERANCE_FRACTION = 0.02
+# -force_key_frames takes its times as one argument; Linux refuses a single argument over 128 KiB.
+_MAX_KEYFRAME_ARG = 120_000
 
 
 def format_duration(seconds: float) -> str:
@@ -62,6 +71,19 @@ def _stderr(proc: object) -> str:
     return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
 
 
+def keyframe_times(frames: Sequence[int], rate: Fraction) -> str:
+    """``-force_key_frames`` times for ``frames``: a quarter frame early, so rounding into the
+    encoder's time base never lands on the frame before (the encoder forces a keyframe on the
+    first frame at or after each time). "" when there are none, or too many for one argument
+    (then no keyframe is forced: splice encodes the clips instead of copying them)."""
+    wanted = sorted({int(f) for f in frames if int(f) > 0})
+    text = ",".join(f"{float((f - Fraction(1, 4)) / rate):.6f}" for f in wanted)
+    if len(text) > _MAX_KEYFRAME_ARG:
+        log.warning("%d keyframes to force are too many for one ffmpeg argument; none are forced", len(wanted))
+        return ""
+    return text
+
+
 @dataclass(frozen=True)
 class NormalizeResult:
     output_path: Path
@@ -80,15 +102,20 @@ def normalize(
     timeout: float | None = None,
     max_pixels: int | None = None,
     max_duration_s: float | None = None,
+    keyframes: Sequence[int] = (),
+    info: ProbeResult | None = None,
 ) -> NormalizeResult:
     """Re-encode ``src`` to ``dst`` (H.264 yuv420p, constant frame rate, AAC, faststart).
+
+    ``keyframes``: frame numbers (at the source's rate) that must be keyframes in ``dst``;
+    ``info``: the source's probe when the caller has one (else it is probed here).
 
     Raises InvalidMediaError when the source is not a usable video, is over a limit, or turns out
     to be truncated or corrupt while decoding; ``dst`` is only ever the complete result (written
     via a temp file).
     """
     src_p, dst_p = Path(src), Path(dst)
-    info = probe(src_p)
+    info = probe(src_p) if info is None else info
     check_limits(info, src_p.name, max_pixels=max_pixels, max_duration_s=max_duration_s)
     dst_p.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path_for(dst_p)
@@ -98,11 +125,15 @@ def normalize(
         "-xerror",  # stop at the first decode/demux error instead of writing a short file
         "-i", str(src_p),
         "-map", "0:V:0",
-        # libx264 with 4:2:0 needs even dimensions.
-        "-vf", "scale=trunc(iw/2)*2:trunc(ih/2)*2",
+        # The constant rate first (the filter scene detection's decode uses); libx264 with 4:2:0
+        # needs even dimensions.
+        "-vf", f"fps={info.fps_fraction},scale=trunc(iw/2)*2:trunc(ih/2)*2",
         "-c:v", "libx264", "-preset", preset, "-crf", str(crf), "-pix_fmt", "yuv420p",
         "-fps_mode", "cfr", "-r", info.fps_fraction,
     ]
+    forced = keyframe_times(keyframes, Fraction(info.fps_fraction))
+    if forced:
+        args += ["-force_key_frames", forced]
     if info.has_audio:
         args += ["-map", "0:a:0", "-c:a", "aac", "-b:a", audio_bitrate]
     if max_duration_s is not None:

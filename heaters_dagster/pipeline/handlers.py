@@ -30,27 +30,20 @@ def _pick(params: dict[str, Any], *names: str) -> dict[str, Any]:
 # -- video stages ------------------------------------------------------------------------------
 def ingest(ctx: Any, item: ItemSnapshot) -> ItemOutput:
     from heaters_dagster.media.fetch import download_url
-    from heaters_dagster.media.normalize import normalize
-
     from heaters_dagster.pipeline.submit import clean_title
-    from heaters_dagster.settings import max_duration_s, max_pixels
 
     out_path = ctx.workdir / "normalized.mp4"
     files: list[FileToStore] = []
-    # Limits (HEATERS_MAX_PIXELS / HEATERS_MAX_DURATION_S) are checked after the probe, before
-    # any transcoding: a source over one fails permanently with the limit in the message.
-    opts = {**_pick(ctx.params, "crf", "preset", "audio_bitrate"), "max_pixels": max_pixels(),
-            "max_duration_s": max_duration_s()}
     if item["source_kind"] == "url":
         ctx.info(item, "downloading %s", item["source_uri"])
         dl = download_url(item["source_uri"], ctx.workdir / "download", basename="original")
-        res = normalize(dl.path, out_path, **opts)
+        res, plan = _normalize(ctx, item, dl.path, out_path)
         title = item["title"] or clean_title(dl.title)
     else:
         if not item["original_key"]:
             raise PermanentError(f"video {item.id} has no stored original file")
         with ctx.store.local_copy(item["original_key"]) as src:
-            res = normalize(src, out_path, **opts)
+            res, plan = _normalize(ctx, item, src, out_path)
         title = item["title"]
     key = storage_keys.source_normalized(item.id)
     files.append(FileToStore(key, out_path))
@@ -60,37 +53,88 @@ def ingest(ctx: Any, item: ItemSnapshot) -> ItemOutput:
         item_id=item.id,
         files=files,
         updates={"normalized_key": key, "duration_s": p.duration_s, "fps": p.fps, "width": p.width,
-                 "height": p.height, "frame_count": frame_count, "title": title},
+                 "height": p.height, "frame_count": frame_count, "title": title, "scene_plan": plan},
         metadata={"duration_s": p.duration_s, "fps": p.fps, "resolution": f"{p.width}x{p.height}",
-                  "frames": frame_count, "bytes": res.size_bytes, "input_codec": res.input.video_codec},
+                  "frames": frame_count, "bytes": res.size_bytes, "input_codec": res.input.video_codec,
+                  "scene_plan": f"{len(plan['cut_frames'])} cuts forced as keyframes" if plan else "none"},
         result=res,
     )
+
+
+def _normalize(ctx: Any, item: ItemSnapshot, src: Path, out_path: Path) -> tuple[Any, dict[str, Any] | None]:
+    """Normalise ``src``; with ``detect_first`` (the default) detect scenes on it first, with
+    splice's parameters, and force keyframes at the cuts. Returns (result, scene plan or None).
+
+    Limits (HEATERS_MAX_PIXELS / HEATERS_MAX_DURATION_S) are checked after the probe, before any
+    decoding or transcoding: a source over one fails permanently with the limit in the message.
+    A source scene detection cannot read is still normalised (normalize says precisely what is
+    wrong with it, or accepts it); splice then detects on the normalised file.
+    """
+    from fractions import Fraction
+
+    from heaters_dagster.errors import InvalidMediaError
+    from heaters_dagster.media.normalize import check_limits, normalize
+    from heaters_dagster.media.probe import probe
+    from heaters_dagster.media.scenes import detect_scenes
+    from heaters_dagster.pipeline.scene_plan import detection_params, make_plan
+    from heaters_dagster.settings import max_duration_s, max_pixels
+
+    opts = {**_pick(ctx.params, "crf", "preset", "audio_bitrate"), "max_pixels": max_pixels(),
+            "max_duration_s": max_duration_s()}
+    info = probe(src)
+    check_limits(info, Path(src).name, max_pixels=opts["max_pixels"], max_duration_s=opts["max_duration_s"])
+    det = None
+    splice_params = ctx.params_of("splice")
+    if ctx.params.get("detect_first", True):
+        try:
+            det = detect_scenes(src, fps=float(Fraction(info.fps_fraction)), duration_s=info.duration_s,
+                                **detection_params(splice_params))
+        except InvalidMediaError as exc:
+            ctx.info(item, "scene detection on the source failed (%s); splice will detect on the normalised file", exc)
+    res = normalize(src, out_path, keyframes=det.cut_frames if det else (), info=info, **opts)
+    if det is None:
+        return res, None
+    if res.output.frame_count != det.frame_count:
+        ctx.info(item, "the normalised file has %s frames, detection on the source counted %d: splice will "
+                 "detect again", res.output.frame_count, det.frame_count)
+        return res, None
+    ctx.info(item, "%d cuts found on the source and forced as keyframes (%.1f s)", len(det.cut_frames),
+             det.decode_seconds)
+    return res, make_plan(det, splice_params)
 
 
 def splice(ctx: Any, item: ItemSnapshot) -> ItemOutput:
     from heaters_dagster.media.clips import cut_clips
     from heaters_dagster.media.scenes import detect_scenes
+    from heaters_dagster.pipeline.scene_plan import detection_params, plan_mismatch, result_from_plan
 
     if not item["normalized_key"]:
         raise PermanentError(f"video {item.id} has no normalised file; run ingest first")
     fps = float(item["fps"])
+    min_scene_s = float(1.0 if ctx.params.get("min_scene_s") is None else ctx.params["min_scene_s"])
     with ctx.store.local_copy(item["normalized_key"]) as src:
-        duration = item["duration_s"]  # with fps (both from ingest), the detector's decode needs no probe
-        det = detect_scenes(src, fps=fps, duration_s=float(duration) if duration is not None else None,
-                            **_pick(ctx.params, "detector", "threshold", "min_scene_s", "hybrid"))
+        why_not = plan_mismatch(item["scene_plan"], ctx.params, item["frame_count"])
+        if why_not is None:
+            det = result_from_plan(item["scene_plan"], min_scene_s)
+            ctx.info(item, "scenes from ingest's detection on the source")
+        else:
+            ctx.info(item, "detecting scenes on the normalised file: %s", why_not)
+            duration = item["duration_s"]  # with fps (both from ingest), the detector's decode needs no probe
+            det = detect_scenes(src, fps=fps, duration_s=float(duration) if duration is not None else None,
+                                min_scene_s=min_scene_s, **detection_params(ctx.params))
         spans = [(s.start_frame, s.end_frame) for s in det.scenes]
         ctx.info(item, "%d cuts, %d scenes kept, %d dropped as too short", len(det.cut_frames), len(spans),
                  len(det.dropped))
         if not spans:
-            raise PermanentError(no_clip_message(det, float(ctx.params.get("min_scene_s") or 1.0)))
+            raise PermanentError(no_clip_message(det, min_scene_s))
         cut = cut_clips(src, spans, ctx.workdir / "clips", fps=fps,
-                        **_pick(ctx.params, "crf", "preset", "audio_bitrate")) if spans else None
+                        **_pick(ctx.params, "crf", "preset", "audio_bitrate"))
     new_clips = [
         NewClipOut(
             start_frame=c.start_frame, end_frame=c.end_frame, start_s=c.start_s, end_s=c.end_s, fps=fps,
             file=FileToStore(storage_keys.clip_file(item.id, c.start_frame, c.end_frame), c.path),
         )
-        for c in (cut.clips if cut else ())
+        for c in cut.clips
     ]
     return ItemOutput(
         item_id=item.id,
@@ -99,7 +143,8 @@ def splice(ctx: Any, item: ItemSnapshot) -> ItemOutput:
         metadata={"cuts": len(det.cut_frames), "clips": len(new_clips), "dropped_scenes": len(det.dropped),
                   "frames": det.frame_count, "detect_s": round(det.decode_seconds, 3),
                   "detector": det.detector, "network_frames": det.network_frames,
-                  "clip_bytes": sum(c.size_bytes for c in cut.clips) if cut else 0},
+                  "scenes_from": "ingest (source)" if why_not is None else "splice (normalised file)",
+                  "clips_copied": cut.copied, "clip_bytes": sum(c.size_bytes for c in cut.clips)},
         result=det,
     )
 

@@ -42,7 +42,7 @@ from heaters_dagster.pipeline.jsonable import to_jsonable
 from heaters_dagster.pipeline.outputs import BatchReport, ItemOutput, ItemSnapshot
 from heaters_dagster.resources.database import DatabaseResource
 from heaters_dagster.resources.storage import StorageResource
-from heaters_dagster.stages import Stage
+from heaters_dagster.stages import Stage, get_stage
 from heaters_dagster.state_machine import transition
 from heaters_dagster.storage import ArtifactStore
 
@@ -69,6 +69,8 @@ class ItemContext:
     store: ArtifactStore
     params: dict[str, Any]
     log: Any
+    # another stage's parameters as this executor runs it (ingest detects scenes with splice's)
+    params_of: Callable[[str], dict[str, Any]] = lambda name: dict(get_stage(name).params)
 
     def info(self, item: ItemSnapshot, msg: str, *args: Any) -> None:
         self.log.info(f"[{self.stage.name}] {item.kind} {item.id}: " + (msg % args if args else msg))
@@ -131,7 +133,8 @@ class StageExecutor(dg.ConfigurableResource):
             def ctx_for(item_id: int) -> ItemContext:
                 wd = Path(tmp) / str(item_id)
                 wd.mkdir(parents=True, exist_ok=True)
-                return ItemContext(stage, wd, store, params, log)
+                return ItemContext(stage, wd, store, params, log,
+                                   params_of=lambda name: self.params_for(get_stage(name)))
 
             def finish(item: ItemSnapshot, outcome: ItemOutput | BaseException, started: float) -> None:
                 lost = heartbeat.lost.get(item.id)

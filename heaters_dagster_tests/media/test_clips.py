@@ -127,7 +127,7 @@ def test_contiguous_spans_decode_the_source_once(
 ) -> None:
     calls = spy_ffmpeg(monkeypatch, clips_mod)
     spans = [(0, 20), (20, 45), (47, 80), (80, 120)]  # one 2-frame gap: still one pass
-    cut_clips(source.path, spans, tmp_path / "a", fps=FPS)
+    cut_clips(source.path, spans, tmp_path / "a", fps=FPS, video="encode")
     encodes = [a for a in calls if "libx264" in a]
     assert len(encodes) == 1
     assert encodes[0].count("-i") == 1 and "-ss" not in encodes[0]  # starts at frame 0: no seek
@@ -136,7 +136,7 @@ def test_contiguous_spans_decode_the_source_once(
 
     calls.clear()
     far = [(5, 10), (110, 115)]  # > max_gap_s apart: two seeking passes instead of encoding the gap
-    res = cut_clips(source.path, far, tmp_path / "b", fps=FPS)
+    res = cut_clips(source.path, far, tmp_path / "b", fps=FPS, video="encode")
     encodes = [a for a in calls if "libx264" in a]
     assert len(encodes) == 2
     assert all(a.index("-ss") < a.index("-i") for a in encodes)  # input seeking
@@ -145,7 +145,7 @@ def test_contiguous_spans_decode_the_source_once(
 
     calls.clear()
     overlapping = [(0, 30), (30, 60), (10, 20), (60, 90)]  # (10, 20) needs its own pass; the rest share one
-    res = cut_clips(source.path, overlapping, tmp_path / "c", fps=FPS)
+    res = cut_clips(source.path, overlapping, tmp_path / "c", fps=FPS, video="encode")
     assert len([a for a in calls if "libx264" in a]) == 2
     for clip, (start, end) in zip(res.clips, overlapping):
         assert_clip(clip, start, end)
@@ -191,7 +191,7 @@ def test_failure_leaves_no_partial_outputs(
 
     monkeypatch.setattr(clips_mod, "run", flaky)
     with pytest.raises(InvalidMediaError, match="Invalid data found"):
-        cut_clips(source.path, [(0, 10), (10, 20)], out, fps=FPS)
+        cut_clips(source.path, [(0, 10), (10, 20)], out, fps=FPS, video="encode")
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]  # no clips, no temp folder
 
 
@@ -213,6 +213,65 @@ def test_hundreds_of_boundaries_in_one_pass(
 ) -> None:
     calls = spy_ffmpeg(monkeypatch, clips_mod)
     spans = [(i, i + 1) for i in range(120)]  # 119 cuts: more than ffmpeg's 100-term expressions allow
-    res = cut_clips(silent_source, spans, tmp_path, fps=FPS)
+    res = cut_clips(silent_source, spans, tmp_path, fps=FPS, video="encode")
     assert len(calls) == 1
     assert [frame_numbers(c.path) for c in res.clips] == [[i] for i in range(120)]
+
+
+# -- stream copy at keyframes --------------------------------------------------------------------
+KEYS = (24, 60, 84)  # keyframes forced into `keyed` (and frame 0)
+
+
+@pytest.fixture(scope="module")
+def keyed(source: SyntheticVideo) -> Path:
+    """`source` re-encoded with IDR frames at KEYS only (no scene-cut or interval keyframes)."""
+    out = source.path.with_name("keyed.mp4")
+    times = ",".join(f"{(k - 0.25) / FPS:.6f}" for k in KEYS)
+    subprocess.run(
+        [ffmpeg_bin(), "-v", "error", "-y", "-i", str(source.path), "-map", "0:v", "-map", "0:a", "-c:v", "libx264",
+         "-preset", "veryfast", "-crf", "18", "-x264-params", "scenecut=0:keyint=1000", "-force_key_frames", times,
+         "-c:a", "copy", "-movflags", "+faststart", str(out)], check=True)
+    return out
+
+
+def test_keyframe_frames_reads_the_packets(keyed: Path) -> None:
+    assert clips_mod.keyframe_frames(keyed) == {0, *KEYS}
+
+
+def test_spans_between_keyframes_are_copied_frame_exact_with_audio(
+    keyed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = spy_ffmpeg(monkeypatch, clips_mod)
+    spans = [(0, 24), (24, 60), (84, 120), (60, 84), (30, 50)]  # the last is not on keyframes
+    res = cut_clips(keyed, spans, tmp_path, fps=FPS)
+    assert res.copied == 4
+    encodes = [a for a in calls if "libx264" in a]
+    assert len(encodes) == 1 and "-frames:v" in encodes[0] and encodes[0][encodes[0].index("-frames:v") + 1] == "20"
+    copies = [a for a in calls if "copy" in a and "libx264" not in a and "-bsf:v" in a]
+    assert len(copies) == 1 and copies[0].count("-i") == 4  # the copied clips share one process
+    for clip, (start, end) in zip(res.clips, spans):
+        assert_clip(clip, start, end)
+        s = streams(clip.path)
+        assert float(s["video"]["start_time"]) == pytest.approx(0, abs=1e-3)
+        assert float(s["audio"]["duration"]) == pytest.approx((end - start) / FPS, abs=0.005)
+        head = clip.path.read_bytes()
+        assert 0 < head.find(b"moov") < head.find(b"mdat")  # +faststart
+        first = math.ceil(start / BEEP_EVERY) * BEEP_EVERY
+        expected = [(f - start) / FPS for f in range(first, end, BEEP_EVERY)]
+        assert beep_onsets(clip.path) == pytest.approx(expected, abs=0.002), clip.path.name
+
+
+def test_copy_without_audio_and_encode_on_request(keyed: Path, tmp_path: Path) -> None:
+    silent = tmp_path / "silent_keyed.mp4"
+    subprocess.run([ffmpeg_bin(), "-v", "error", "-y", "-i", str(keyed), "-map", "0:v", "-c", "copy", str(silent)],
+                   check=True)
+    spans = [(24, 60), (60, 84)]
+    res = cut_clips(silent, spans, tmp_path / "a", fps=FPS)
+    assert res.copied == 2
+    for clip, (start, end) in zip(res.clips, spans):
+        assert_clip(clip, start, end)
+        assert "audio" not in streams(clip.path)
+    forced = cut_clips(silent, spans, tmp_path / "b", fps=FPS, video="encode")
+    assert forced.copied == 0
+    for clip, (start, end) in zip(forced.clips, spans):
+        assert_clip(clip, start, end)
