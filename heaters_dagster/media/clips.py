@@ -42,8 +42,8 @@ from pathlib import Path
 from typing import Sequence
 
 from heaters_dagster.errors import FFmpegError, InvalidMediaError, PermanentError
-from heaters_dagster.media.ffmpeg_tools import ffmpeg_bin, ffprobe_bin, run
-from heaters_dagster.media.probe import ProbeResult, probe, raise_media_error
+from heaters_dagster.media.ffmpeg_tools import ffmpeg_bin, run
+from heaters_dagster.media.probe import ProbeResult, keyframe_frames, probe, raise_media_error
 
 # Gaps between spans up to this long are encoded and thrown away rather than re-seeking: encoding
 # a couple of seconds costs about as much as a new process seeking and decoding from a keyframe.
@@ -208,30 +208,6 @@ def _encode_batch(
             job.staged = job.segment
     for gap in by_start.values():  # frames between spans: encoded only to avoid a re-seek
         gap.unlink(missing_ok=True)
-
-
-def keyframe_frames(src: str | os.PathLike[str], timeout: float | None = None) -> frozenset[int]:
-    """Display indices of the first video stream's keyframes, from its packets' flags (no decode).
-
-    Empty when a packet has no timestamp (the order cannot be known): nothing is then copied.
-    """
-    src = Path(src)
-    try:
-        proc = run([ffprobe_bin(), "-v", "error", "-select_streams", "v:0", "-show_entries", "packet=pts,flags",
-                    "-of", "csv=p=0", str(src)], what=f"read the keyframes of {src.name}", timeout=timeout)
-    except FFmpegError as exc:
-        raise_media_error(exc, f"reading the keyframes of {src.name} failed")
-    packets: list[tuple[int, bool]] = []
-    for line in (proc.stdout or b"").decode("ascii", "replace").splitlines():
-        pts, _, flags = line.strip().partition(",")
-        if not pts:
-            continue
-        try:
-            packets.append((int(pts), "K" in flags))
-        except ValueError:  # "N/A": no order to rely on
-            return frozenset()
-    packets.sort()
-    return frozenset(i for i, (_, key) in enumerate(packets) if key)
 
 
 def _copy_video(src: Path, info: ProbeResult, rate: Fraction, jobs: list[_Job], work: Path, tag: str, *,

@@ -1,8 +1,12 @@
 """Representative still frames of a clip (for CLIP embeddings and the review UI).
 
-A strategy is a list of ``(tag, position)`` pairs; position is a fraction of the clip. Each frame
-is fetched with its own short ffmpeg run that seeks (input ``-ss``) to just before it, so only
-the stretch from the preceding keyframe is decoded, never the whole clip.
+A strategy is a list of ``(tag, position)`` pairs; position is a fraction of the clip. The frames
+are read in whichever way decodes fewer frames, counted from the clip's keyframes (its packets'
+flags): either one ffmpeg run from the start up to the last wanted frame that keeps the wanted
+ones (the ``select`` filter on the decoded frame number), or one short run per frame that seeks
+(input ``-ss``) to just before it and decodes from the keyframe preceding it. A short clip cut by
+stream copy has one keyframe, at its start: three seeks would decode 1.5 clips' worth of frames,
+one pass 0.75. A long clip with regular keyframes is cheaper to seek in.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from PIL import Image
 
 from heaters_dagster.errors import FFmpegError, InvalidMediaError, PermanentError
 from heaters_dagster.media.ffmpeg_tools import ffmpeg_bin, run
-from heaters_dagster.media.probe import probe, raise_media_error, temp_path_for
+from heaters_dagster.media.probe import keyframe_frames, probe, raise_media_error, temp_path_for
 
 STRATEGIES: dict[str, tuple[tuple[str, float], ...]] = {
     "midpoint": (("mid", 0.5),),
@@ -82,6 +86,59 @@ def _read_frame(
     return img.convert("RGB")
 
 
+def one_pass_is_cheaper(indices: list[int], keyframes: frozenset[int]) -> bool:
+    """Whether decoding from the start to the last of ``indices`` decodes no more frames than
+    seeking to each (from the keyframe at or before it). No keyframes known: seek."""
+    if not keyframes or not indices:
+        return False
+    seek_cost = sum(i - max((k for k in keyframes if k <= i), default=0) + 1 for i in indices)
+    return max(indices) + 1 <= seek_cost
+
+
+def _ppm_images(data: bytes, name: str) -> list[Image.Image]:
+    """Split a stream of binary PPM images (``P6 <w> <h> <maxval>`` + RGB bytes) into images."""
+    images, pos = [], 0
+    while pos < len(data):
+        fields: list[bytes] = []
+        while len(fields) < 4:  # magic, width, height, maxval separated by whitespace
+            while pos < len(data) and data[pos:pos + 1].isspace():
+                pos += 1
+            end = pos
+            while end < len(data) and not data[end:end + 1].isspace():
+                end += 1
+            fields.append(data[pos:end])
+            pos = end
+        if fields[0] != b"P6" or not all(f.isdigit() for f in fields[1:]) or fields[3] != b"255":
+            raise InvalidMediaError(f"keyframes of {name}: ffmpeg wrote an unexpected image stream")
+        w, h = int(fields[1]), int(fields[2])
+        pos += 1  # the single whitespace byte before the pixels
+        size = w * h * 3
+        if pos + size > len(data):
+            raise InvalidMediaError(f"keyframes of {name}: the image stream ended early")
+        images.append(Image.frombytes("RGB", (w, h), data[pos:pos + size]))
+        pos += size
+    return images
+
+
+def _read_frames(clip: Path, indices: list[int], timeout: float | None) -> dict[int, Image.Image]:
+    """Decode the clip once, up to its last wanted frame, and return the frames ``indices``."""
+    wanted = sorted(set(indices))
+    # n is the decoded frame's number from 0 in display order: the clip-relative frame index
+    select = "+".join(f"eq(n\\,{i})" for i in wanted)
+    args = [ffmpeg_bin(), "-hide_banner", "-nostdin", "-v", "error", "-i", str(clip), "-map", "0:V:0",
+            "-an", "-sn", "-dn", "-vf", f"select={select}", "-fps_mode", "passthrough",
+            "-frames:v", str(len(wanted)), "-f", "image2pipe", "-c:v", "ppm", "pipe:1"]
+    try:
+        proc = run(args, what=f"keyframes {wanted} of {clip.name}", timeout=timeout)
+    except FFmpegError as exc:
+        raise_media_error(exc, f"reading frames {wanted} of {clip.name} failed")
+    images = _ppm_images(proc.stdout or b"", clip.name)
+    if len(images) != len(wanted):
+        missing = wanted[len(images):]
+        raise InvalidMediaError(f"{clip.name} has no frame {missing[0]} (is the frame count right?)")
+    return dict(zip(wanted, images))
+
+
 def extract_keyframes(
     clip_path: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -106,9 +163,14 @@ def extract_keyframes(
 
     written: list[Path] = []
     keyframes = []
+    indices = [index for _, index in picks]
+    if len(indices) > 1 and one_pass_is_cheaper(indices, keyframe_frames(clip, timeout)):
+        frames = _read_frames(clip, indices, timeout)
+    else:
+        frames = {i: _read_frame(clip, i, rate, info.video_start_s, timeout) for i in dict.fromkeys(indices)}
     try:
         for tag, index in picks:
-            img = _read_frame(clip, index, rate, info.video_start_s, timeout)
+            img = frames[index]
             path = out / f"{name_prefix}{tag}.jpg"
             tmp = temp_path_for(path)
             try:

@@ -285,3 +285,27 @@ def check_decodable(path: str | os.PathLike[str], seconds: float | None = None,
         raise_media_error(
             exc, f"video is truncated or corrupt: decoding {p.name} failed", "fetch or export it again"
         )
+
+
+def keyframe_frames(src: str | os.PathLike[str], timeout: float | None = None) -> frozenset[int]:
+    """Display indices of the first video stream's keyframes, from its packets' flags (no decode).
+
+    Empty when a packet has no timestamp (the order cannot be known): nothing is then copied.
+    """
+    src = Path(src)
+    try:
+        proc = run([ffprobe_bin(), "-v", "error", "-select_streams", "v:0", "-show_entries", "packet=pts,flags",
+                    "-of", "csv=p=0", str(src)], what=f"read the keyframes of {src.name}", timeout=timeout)
+    except FFmpegError as exc:
+        raise_media_error(exc, f"reading the keyframes of {src.name} failed")
+    packets: list[tuple[int, bool]] = []
+    for line in (proc.stdout or b"").decode("ascii", "replace").splitlines():
+        pts, _, flags = line.strip().partition(",")
+        if not pts:
+            continue
+        try:
+            packets.append((int(pts), "K" in flags))
+        except ValueError:  # "N/A": no order to rely on
+            return frozenset()
+    packets.sort()
+    return frozenset(i for i, (_, key) in enumerate(packets) if key)

@@ -96,6 +96,30 @@ def test_seeks_instead_of_decoding_from_the_start(
         assert args[args.index("-frames:v") + 1] == "1"
 
 
+def test_a_clip_with_one_keyframe_is_decoded_once(
+    clip: SyntheticVideo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A clip cut by stream copy has one keyframe: one pass to the last frame beats three seeks."""
+    single = tmp_path / "single_gop.mp4"
+    subprocess.run([ffmpeg_bin(), "-v", "error", "-y", "-i", str(clip.path), "-c:v", "libx264", "-preset",
+                    "ultrafast", "-x264-params", "scenecut=0:keyint=1000", "-an", str(single)], check=True)
+    calls = spy_ffmpeg(monkeypatch, keyframes_mod)
+    res = extract_keyframes(single, tmp_path / "out", strategy="multi", fps=clip.fps, frame_count=clip.frame_count)
+    assert len(calls) == 1 and "-ss" not in calls[0]
+    assert calls[0][calls[0].index("-frames:v") + 1] == "3"
+    assert [(k.tag, k.frame_index) for k in res.keyframes] == keyframe_indices(clip.frame_count, "multi")
+    for kf in res.keyframes:
+        with Image.open(kf.path) as img:
+            assert read_frame_number(np.asarray(img.convert("L"))) == kf.frame_index
+            assert img.size == (clip.width, clip.height)
+
+
+def test_one_pass_or_seeks_by_frames_decoded() -> None:
+    assert keyframes_mod.one_pass_is_cheaper([50, 100, 150], frozenset({0}))  # 151 <= 51 + 101 + 151
+    assert not keyframes_mod.one_pass_is_cheaper([500, 1000, 1500], frozenset({0, 250, 500, 750, 1000, 1250, 1500}))
+    assert not keyframes_mod.one_pass_is_cheaper([50, 100], frozenset())  # keyframes unknown: seek
+
+
 def test_jpeg_quality_is_applied(clip: SyntheticVideo, tmp_path: Path) -> None:
     hi = extract_keyframes(clip.path, tmp_path / "hi", strategy="midpoint", fps=clip.fps,
                            frame_count=clip.frame_count, jpeg_quality=95)
