@@ -50,6 +50,11 @@ class Stage:
     rerun_from: tuple[str, ...] = ()
     params: dict[str, Any] = field(default_factory=dict)  # defaults, overridable in the executor config
     kinds: tuple[str, ...] = ("ffmpeg",)
+    # For a stage whose every run pays a fixed start cost (a model load): while one of its runs is
+    # in flight, its sensor holds newly ready items for up to this long (or until that run ends, or
+    # a full batch is ready), so they share the next run. The window is the longer of this and
+    # HEATERS_BATCH_WAIT_S.
+    hold_while_in_flight_s: float = 0.0
 
     @property
     def partitions_name(self) -> str:
@@ -209,6 +214,9 @@ STAGES: tuple[Stage, ...] = (
         checks=("unit_vector",),
         params=embedding_defaults(),
         kinds=("pytorch", "pgvector"),
+        # a run loads the model (imports and an int8 conversion, ~8 s of CPU on 2 cores): clips
+        # keyframed while one runs wait for it to end and share the next run
+        hold_while_in_flight_s=60.0,
     ),
     Stage(
         name="split",

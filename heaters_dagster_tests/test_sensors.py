@@ -196,6 +196,33 @@ def test_items_arriving_within_the_batch_window_share_one_run_and_none_is_reques
     assert _requested_ids(r8, instance) == [alone]
 
 
+def test_embedding_holds_newly_ready_clips_until_its_run_in_flight_ends(db, instance, monkeypatch):
+    """A run of the embedding stage loads the model: clips keyframed while one is in flight wait for
+    it (up to hold_while_in_flight_s) and share the next run, with no batching window configured."""
+    monkeypatch.delenv("HEATERS_BATCH_WAIT_S", raising=False)
+    emb = get_stage("embedding")
+    assert emb.hold_while_in_flight_s >= 30
+    vid = make_video(db)
+    (running,) = make_clips(db, vid, [(0, 24)], state="keyframed")
+    r0 = _batch_tick(instance, db, None, now=0.0, stage=emb)  # nothing in flight: at once
+    assert _requested_ids(r0, instance, emb) == [running]
+    waiting = make_clips(db, vid, [(24, 48), (48, 72)], state="keyframed")
+    r1 = _batch_tick(instance, db, r0.cursor, now=5.0, stage=emb)
+    r2 = _batch_tick(instance, db, r1.cursor, now=5.0 + emb.hold_while_in_flight_s / 2, stage=emb)
+    assert not r1.run_requests and not r2.run_requests
+    with db.session() as s:  # the run in flight ends
+        transition(s, "clip", running, "keyframed", "embedding")
+        transition(s, "clip", running, "embedding", "embedded")
+    r3 = _batch_tick(instance, db, r2.cursor, now=6.0 + emb.hold_while_in_flight_s / 2, stage=emb)
+    assert len(r3.run_requests) == 1 and sorted(_requested_ids(r3, instance, emb)) == waiting
+    # a run that never ends does not hold the next clips for longer than the hold
+    (late,) = make_clips(db, vid, [(72, 96)], state="keyframed")
+    r4 = _batch_tick(instance, db, r3.cursor, now=100.0, stage=emb)
+    r5 = _batch_tick(instance, db, r4.cursor, now=100.0 + emb.hold_while_in_flight_s, stage=emb)
+    assert not r4.run_requests and _requested_ids(r5, instance, emb) == [late]
+    assert get_stage("sprite").hold_while_in_flight_s == 0  # ffmpeg stages request at once
+
+
 def test_a_full_batch_is_requested_at_once_and_without_a_window_every_tick_requests(db, instance, monkeypatch):
     monkeypatch.setenv("HEATERS_BATCH_WAIT_S", "60")
     monkeypatch.setenv("HEATERS_BATCH_SIZE", "3")

@@ -61,11 +61,12 @@ class StageCursor:
 
 
 def batch_settings(stage: Stage) -> tuple[float, int]:
-    """(window in seconds, full batch size) for a stage sensor: HEATERS_BATCH_WAIT_S / _SIZE."""
+    """(window in seconds, full batch size) for a stage sensor: HEATERS_BATCH_WAIT_S / _SIZE, the
+    window at least the stage's own ``hold_while_in_flight_s``."""
     from heaters_dagster.settings import get_settings
 
     s = get_settings()
-    return s.batch_wait_s, s.batch_size or partitions_per_run(stage)
+    return max(s.batch_wait_s, stage.hold_while_in_flight_s), s.batch_size or partitions_per_run(stage)
 
 
 def contiguous_chunks(keys_in_order: Sequence[str], wanted: Sequence[str], max_len: int,
