@@ -23,11 +23,11 @@ the same server) gives each run's create, start and end times, hence the launch 
 **Variants.** Each entry of VARIANTS is one ``heaters dev`` with extra settings, run on the same
 source in the same benchmark run, so before/after figures share a machine and a load.
 
-**Keyframe-forced normalise (a measurement, not the pipeline).** Today the media is encoded
-twice: ingest normalises the source, splice re-encodes every clip. The alternative measured
-here: detect scenes on the source, normalise once with keyframes forced at the cut frames, then
-cut every clip by stream copy. Reported: its wall time against the floor and whether every clip
-has exactly its scene's frames (packet count) and starts on a keyframe.
+**Keyframe-forced normalise, alone.** What ingest and splice do since issue 8 (detect scenes on
+the source, normalise once with keyframes forced at the cut frames, cut every clip by stream
+copy), measured here with nothing else running, as plain ffmpeg commands: its wall time against
+the floor and whether every clip has exactly its scene's frames (packet count) and starts on a
+keyframe. (Before, the media was encoded twice: normalise, then every clip again in splice.)
 """
 
 from __future__ import annotations

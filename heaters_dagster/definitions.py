@@ -22,12 +22,22 @@ from heaters_dagster.sensors.review import review_events_sensor
 
 def default_resources(database_url: str | None = None, storage_url: str | None = None,
                       **executor_config: object) -> dict[str, object]:
+    from heaters_dagster.settings import get_settings
+    from heaters_dagster.stages import check_stage_params
+
     database = DatabaseResource(url=database_url)
     storage = StorageResource(url=storage_url)
+    # stage parameters: the settings' (HEATERS_STAGE_PARAMS / heaters.toml), then the caller's, per key
+    given = dict(executor_config.pop("stage_params", None) or {})  # type: ignore[call-overload]
+    configured = get_settings().stage_params
+    check_stage_params(configured, "HEATERS_STAGE_PARAMS (or heaters.toml's stage_params)")
+    check_stage_params(given, "the executor's stage_params")
+    stage_params = {name: {**configured.get(name, {}), **given.get(name, {})} for name in {*configured, *given}}
     return {
         "database": database,
         "storage": storage,
-        "executor": StageExecutor(database=database, storage=storage, **executor_config),
+        "executor": StageExecutor(database=database, storage=storage, stage_params=stage_params,
+                                  **executor_config),
         "artifact_io_manager": ArtifactIOManager(database=database, storage=storage),
         "video_io_manager": ArtifactIOManager(database=database, storage=storage),
         "embedding_io_manager": EmbeddingIOManager(database=database, storage=storage),

@@ -85,6 +85,21 @@ def parse_size(value: Any) -> int:
     return int(number)
 
 
+def parse_stage_params(value: Any) -> dict[str, dict[str, Any]]:
+    """``{"stage": {"param": value}}``: a JSON object (environment) or a TOML table. The names are
+    checked against the stage table when the definitions are built (``stages.check_stage_params``)."""
+    import json
+
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else {}
+        except ValueError:
+            raise ValueError('must be a JSON object such as {"ingest": {"detect_first": false}}') from None
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise ValueError('must map stage names to parameter tables, e.g. {"splice": {"min_scene_s": 2}}')
+    return {str(k): dict(v) for k, v in value.items()}
+
+
 Seconds = Annotated[float, _number("a number of seconds")]
 Count = Annotated[int, _number("a whole number", whole=True, minimum=1)]
 Pixels = Annotated[int, _number("a whole number of pixels", whole=True, minimum=1)]
@@ -140,6 +155,10 @@ class Settings(BaseSettings):
     auto_approve: bool = _setting(
         False, "**benchmark only** (`bench/bench_e2e.py`): the review sensor approves every `pending_review` clip "
         "as reviewer `auto-approve`; never set it where people review", "off")
+    stage_params: Annotated[dict[str, dict[str, Any]], BeforeValidator(parse_stage_params)] = _setting(
+        {}, "stage parameters over the stage table's defaults (`heaters_dagster/stages.py`), per stage: JSON "
+        "in the environment (`{\"splice\": {\"min_scene_s\": 2}}`), a table in `heaters.toml` "
+        "(`[stage_params.splice]`); the `executor` resource's `stage_params` override them", "none")
     # -- embedding model (the embedding stage, `heaters search` and the review page's similar clips)
     clip_model: str = _setting("ViT-B-32", "open_clip architecture of the embedding model", "`ViT-B-32`")
     clip_pretrained: str = _setting(

@@ -283,6 +283,20 @@ def node_entity(name: str) -> str:
         raise KeyError(f"unknown graph node {name!r}; nodes: {', '.join(NODES_BY_NAME)}") from None
 
 
+def check_stage_params(params: dict[str, dict[str, Any]], where: str) -> None:
+    """Refuse (ConfigError) stage parameters that name an unknown stage or parameter: a typo must
+    not fall back to a default silently."""
+    from heaters_dagster.errors import ConfigError
+
+    for stage, given in params.items():
+        if stage not in STAGES_BY_NAME:
+            raise ConfigError(f"{where} names an unknown stage {stage!r} (stages: {', '.join(STAGES_BY_NAME)})")
+        unknown = sorted(set(given) - set(STAGES_BY_NAME[stage].params))
+        if unknown:
+            known = ", ".join(STAGES_BY_NAME[stage].params) or "none"
+            raise ConfigError(f"{where} names unknown {stage} parameters: {', '.join(unknown)} (known: {known})")
+
+
 def get_stage(name: str) -> Stage:
     try:
         return STAGES_BY_NAME[name]

@@ -39,6 +39,9 @@ DEV_ENV = {
     # the multiprocess layout (a step process under the run worker); test_daemon_faults_inprocess.py
     # runs the same kind of faults with the in-process executor, the default
     "HEATERS_INPROCESS_EXECUTOR": "0",
+    # splice detects and encodes itself (ingest forces no keyframes): the stream-copy splice of a
+    # half-minute video is over in a fraction of a second, too soon to be killed in the middle
+    "HEATERS_STAGE_PARAMS": '{"ingest": {"detect_first": false}}',
 }
 
 

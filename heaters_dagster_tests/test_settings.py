@@ -124,6 +124,41 @@ def test_bad_settings_fail_in_one_line_naming_the_setting(tmp_path, monkeypatch,
     assert out.exit_code == 1 and out.output.strip().splitlines() == [f"Error: {ei.value}"]
 
 
+def test_stage_params_from_the_file_and_the_environment_reach_the_executor(tmp_path, monkeypatch):
+    from heaters_dagster.definitions import build_definitions
+    from heaters_dagster.stages import get_stage
+
+    monkeypatch.setenv("HEATERS_CONFIG", str(_write_toml(tmp_path, """
+        [stage_params.ingest]
+        detect_first = false
+        [stage_params.splice]
+        min_scene_s = 2.5
+        detector = "stream"
+    """)))
+    monkeypatch.delenv("HEATERS_STAGE_PARAMS", raising=False)
+    ex = build_definitions().resources["executor"]
+    assert ex.params_for(get_stage("ingest"))["detect_first"] is False
+    assert ex.params_for(get_stage("splice"))["min_scene_s"] == 2.5
+    # the executor's own stage_params win, key by key; the rest of the file's table stays
+    ex = build_definitions(stage_params={"splice": {"min_scene_s": 0.5}}).resources["executor"]
+    assert ex.params_for(get_stage("splice"))["min_scene_s"] == 0.5
+    assert ex.params_for(get_stage("splice"))["detector"] == "stream"
+    # the environment's JSON is merged over the file's tables
+    monkeypatch.setenv("HEATERS_STAGE_PARAMS", '{"sprite": {"tile_width": 320}, "splice": {"min_scene_s": 3}}')
+    ex = build_definitions().resources["executor"]
+    assert ex.params_for(get_stage("sprite"))["tile_width"] == 320
+    assert ex.params_for(get_stage("splice"))["min_scene_s"] == 3
+    assert ex.params_for(get_stage("splice"))["detector"] == "stream"
+    assert ex.params_for(get_stage("ingest"))["detect_first"] is False
+    # typos are errors that name them
+    for bad, needle in (('{"splcie": {}}', "unknown stage 'splcie'"),
+                        ('{"splice": {"min_scene": 2}}', "unknown splice parameters: min_scene"),
+                        ('[1, 2]', "HEATERS_STAGE_PARAMS must map stage names")):
+        monkeypatch.setenv("HEATERS_STAGE_PARAMS", bad)
+        with pytest.raises(ConfigError, match=needle):
+            build_definitions()
+
+
 def test_readme_table_is_generated_from_the_model():
     readme = (REPO / "README.md").read_text()
     block = re.search(r"<!-- settings-table:start -->\n(.*?)\n<!-- settings-table:end -->", readme, re.S)
