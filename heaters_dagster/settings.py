@@ -207,6 +207,9 @@ class Settings(BaseSettings):
         True, "run each stage job's one step inside the run worker (Dagster's `in_process_executor`) instead of "
         "a step subprocess of its own: one process launch and import less per run (0: the multiprocess "
         "executor)", "on")
+    sensor_interval_s: Count = _setting(
+        1, "stage sensors' `minimum_interval_seconds`: Dagster's sensor daemon turns every 5 s at most, and an "
+        "interval of 5 is evaluated every other turn (ticks 10 s apart); 1 means every turn", "1")
     dequeue_interval_s: Count = _setting(
         1, "how often the daemon's run queue launches queued runs (`run_coordinator` in dagster.yaml; read by "
         "`heaters dev`)", "1")

@@ -173,7 +173,16 @@ def evaluate_stage_sensor(context: Any, stage: Stage, database: DatabaseResource
                            cursor=cursor.dump())
 
 
-def build_stage_sensor(stage: Stage, *, minimum_interval_seconds: int = 5) -> dg.SensorDefinition:
+def build_stage_sensor(stage: Stage, *, minimum_interval_seconds: int | None = None) -> dg.SensorDefinition:
+    """The stage's sensor. Its interval (HEATERS_SENSOR_INTERVAL_S, default 1) is below the sensor
+    daemon's fixed 5 s loop on purpose: the daemon evaluates a sensor in a loop turn only when the
+    interval has passed since its last tick *started*, and ticks start a moment after the turn
+    does, so an interval of exactly 5 s is just short at every other turn: ticks every 10 s."""
+    if minimum_interval_seconds is None:
+        from heaters_dagster.settings import get_settings
+
+        minimum_interval_seconds = get_settings().sensor_interval_s
+
     @dg.sensor(
         name=f"{stage.name}_sensor",
         job_name=job_name(stage),
