@@ -237,3 +237,21 @@ def test_a_full_batch_is_requested_at_once_and_without_a_window_every_tick_reque
     (more,) = make_clips(db, vid, [(72, 96)])
     r2 = _batch_tick(instance, db, r1.cursor, now=2.0)  # runs in flight, but no window
     assert _requested_ids(r2, instance) == [more]
+
+
+def test_stage_sensors_tick_at_every_turn_of_the_sensor_daemon(monkeypatch):
+    """Dagster's sensor daemon turns every 5 s and skips a sensor whose interval has not passed since
+    its last tick started; at an interval of exactly 5 that is every other turn (10 s). The stage
+    sensors ask for 1 s (HEATERS_SENSOR_INTERVAL_S), the run-status sensors too."""
+    from dagster._daemon.sensor import MIN_INTERVAL_LOOP_TIME
+
+    from heaters_dagster.sensors.factory import build_stage_sensors
+    from heaters_dagster.sensors.recovery import release_canceled_runs, release_failed_runs
+
+    monkeypatch.delenv("HEATERS_SENSOR_INTERVAL_S", raising=False)
+    sensors = build_stage_sensors()
+    assert sensors and all(s.minimum_interval_seconds < MIN_INTERVAL_LOOP_TIME for s in sensors)
+    assert release_failed_runs.minimum_interval_seconds < MIN_INTERVAL_LOOP_TIME
+    assert release_canceled_runs.minimum_interval_seconds < MIN_INTERVAL_LOOP_TIME
+    monkeypatch.setenv("HEATERS_SENSOR_INTERVAL_S", "30")
+    assert {s.minimum_interval_seconds for s in build_stage_sensors()} == {30}
