@@ -288,9 +288,14 @@ def check_decodable(path: str | os.PathLike[str], seconds: float | None = None,
 
 
 def keyframe_frames(src: str | os.PathLike[str], timeout: float | None = None) -> frozenset[int]:
-    """Display indices of the first video stream's keyframes, from its packets' flags (no decode).
+    """Display indices of the first video stream's *clean* keyframes, from its packets' flags and
+    timestamps (no decode).
 
-    Empty when a packet has no timestamp (the order cannot be known): nothing is then copied.
+    A keyframe is clean when every packet before it in decode order is displayed before it and
+    every packet after it is displayed after it: copying the packets from it on gives exactly the
+    frames from it on, each decodable (an IDR frame of a closed GOP, what libx264 writes). An
+    open-GOP keyframe, whose following B-frames are shown before it and reference the previous
+    GOP, is left out. Empty when a packet has no timestamp (nothing is then copied).
     """
     src = Path(src)
     try:
@@ -298,7 +303,7 @@ def keyframe_frames(src: str | os.PathLike[str], timeout: float | None = None) -
                     "-of", "csv=p=0", str(src)], what=f"read the keyframes of {src.name}", timeout=timeout)
     except FFmpegError as exc:
         raise_media_error(exc, f"reading the keyframes of {src.name} failed")
-    packets: list[tuple[int, bool]] = []
+    packets: list[tuple[int, bool]] = []  # (pts, keyframe) in decode order
     for line in (proc.stdout or b"").decode("ascii", "replace").splitlines():
         pts, _, flags = line.strip().partition(",")
         if not pts:
@@ -307,5 +312,16 @@ def keyframe_frames(src: str | os.PathLike[str], timeout: float | None = None) -
             packets.append((int(pts), "K" in flags))
         except ValueError:  # "N/A": no order to rely on
             return frozenset()
-    packets.sort()
-    return frozenset(i for i, (_, key) in enumerate(packets) if key)
+    order = sorted(range(len(packets)), key=lambda k: packets[k][0])
+    display = [0] * len(packets)
+    for shown, k in enumerate(order):
+        display[k] = shown
+    after_min = [len(packets)] * (len(packets) + 1)  # smallest display index from decode position k on
+    for k in range(len(packets) - 1, -1, -1):
+        after_min[k] = min(display[k], after_min[k + 1])
+    clean, before_max = set(), -1
+    for k, (_, key) in enumerate(packets):
+        if key and before_max < display[k] and after_min[k + 1] > display[k]:
+            clean.add(display[k])
+        before_max = max(before_max, display[k])
+    return frozenset(clean)

@@ -275,3 +275,24 @@ def test_copy_without_audio_and_encode_on_request(keyed: Path, tmp_path: Path) -
     assert forced.copied == 0
     for clip, (start, end) in zip(forced.clips, spans):
         assert_clip(clip, start, end)
+
+
+def test_open_gop_keyframes_are_not_cut_points(source: SyntheticVideo, tmp_path: Path) -> None:
+    """An open-GOP I-frame is flagged as a keyframe, but the B-frames after it are shown before it:
+    copying from it would start the clip with frames of the previous scene. Only clean keyframes
+    (IDR, closed GOP) count, and a span starting elsewhere is encoded, frame-exact."""
+    open_gop = tmp_path / "open_gop.mp4"
+    subprocess.run(
+        [ffmpeg_bin(), "-v", "error", "-y", "-i", str(source.path), "-map", "0:v", "-c:v", "libx264", "-preset",
+         "veryfast", "-x264-params", "open-gop=1:scenecut=0:keyint=24:min-keyint=24:bframes=3", str(open_gop)],
+        check=True)
+    flagged = subprocess.run(
+        [ffprobe_bin(), "-v", "error", "-select_streams", "v:0", "-show_entries", "packet=flags", "-of", "csv=p=0",
+         str(open_gop)], check=True, capture_output=True, text=True).stdout.count("K")
+    clean = clips_mod.keyframe_frames(open_gop)
+    assert flagged > len(clean) and 0 in clean  # some flagged keyframes are open-GOP points
+    spans = [(24, 48), (48, 72)]
+    res = cut_clips(open_gop, spans, tmp_path / "out", fps=FPS)
+    assert res.copied == sum(1 for a, b in spans if a in clean and b in clean)
+    for clip, (start, end) in zip(res.clips, spans):
+        assert_clip(clip, start, end)
