@@ -76,6 +76,22 @@ def assert_clip(clip: ClipFile, start: int, end: int) -> None:
     assert frame_numbers(clip.path) == list(range(start, end)), f"wrong frames in {clip.path.name}"
 
 
+def assert_av_clip(clip: ClipFile, start: int, end: int) -> None:
+    """assert_clip, plus H.264/AAC from t=0, audio of exactly the span, faststart, beeps in place."""
+    assert_clip(clip, start, end)
+    s = streams(clip.path)
+    assert s["video"]["codec_name"] == "h264" and s["video"]["pix_fmt"] == "yuv420p"
+    assert s["audio"]["codec_name"] == "aac"
+    assert float(s["video"]["start_time"]) == pytest.approx(0, abs=1e-3)
+    assert float(s["audio"]["duration"]) == pytest.approx((end - start) / FPS, abs=0.005)
+    head = clip.path.read_bytes()
+    assert 0 < head.find(b"moov") < head.find(b"mdat")  # +faststart
+    # Beeps sit at every 12th source frame; in the clip they must appear exactly there.
+    first = math.ceil(start / BEEP_EVERY) * BEEP_EVERY
+    expected = [(f - start) / FPS for f in range(first, end, BEEP_EVERY)]
+    assert beep_onsets(clip.path) == pytest.approx(expected, abs=0.002), clip.path.name
+
+
 # Contiguous scenes, a dropped short scene (gap 60..62), a big gap, an overlap, single frames at
 # both ends of the source, and spans given out of order.
 SPANS = [(10, 24), (24, 60), (62, 84), (84, 120), (100, 110), (0, 1), (119, 120), (40, 41)]
@@ -89,18 +105,7 @@ def test_cut_clips_frame_exact_with_audio_in_sync(source: SyntheticVideo, tmp_pa
     assert [c.path.name for c in res.clips] == [f"clip_{i:05d}.mp4" for i in range(len(SPANS))]
     assert sorted(p.name for p in out.iterdir()) == sorted(c.path.name for c in res.clips)
     for clip, (start, end) in zip(res.clips, SPANS):
-        assert_clip(clip, start, end)
-        s = streams(clip.path)
-        assert s["video"]["codec_name"] == "h264" and s["video"]["pix_fmt"] == "yuv420p"
-        assert s["audio"]["codec_name"] == "aac"
-        assert float(s["video"]["start_time"]) == pytest.approx(0, abs=1e-3)
-        assert float(s["audio"]["duration"]) == pytest.approx((end - start) / FPS, abs=0.005)
-        head = clip.path.read_bytes()
-        assert 0 < head.find(b"moov") < head.find(b"mdat")  # +faststart
-        # Beeps sit at every 12th source frame; in the clip they must appear exactly there.
-        first = math.ceil(start / BEEP_EVERY) * BEEP_EVERY
-        expected = [(f - start) / FPS for f in range(first, end, BEEP_EVERY)]
-        assert beep_onsets(clip.path) == pytest.approx(expected, abs=0.002), clip.path.name
+        assert_av_clip(clip, start, end)
 
 
 def test_cut_clips_without_audio(silent_source: Path, tmp_path: Path) -> None:
@@ -250,15 +255,7 @@ def test_spans_between_keyframes_are_copied_frame_exact_with_audio(
     copies = [a for a in calls if "copy" in a and "libx264" not in a and "-bsf:v" in a]
     assert len(copies) == 1 and copies[0].count("-i") == 4  # the copied clips share one process
     for clip, (start, end) in zip(res.clips, spans):
-        assert_clip(clip, start, end)
-        s = streams(clip.path)
-        assert float(s["video"]["start_time"]) == pytest.approx(0, abs=1e-3)
-        assert float(s["audio"]["duration"]) == pytest.approx((end - start) / FPS, abs=0.005)
-        head = clip.path.read_bytes()
-        assert 0 < head.find(b"moov") < head.find(b"mdat")  # +faststart
-        first = math.ceil(start / BEEP_EVERY) * BEEP_EVERY
-        expected = [(f - start) / FPS for f in range(first, end, BEEP_EVERY)]
-        assert beep_onsets(clip.path) == pytest.approx(expected, abs=0.002), clip.path.name
+        assert_av_clip(clip, start, end)
 
 
 def test_copy_without_audio_and_encode_on_request(keyed: Path, tmp_path: Path) -> None:
