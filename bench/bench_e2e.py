@@ -211,8 +211,38 @@ def run_variant(name: str, env: dict[str, str], src: Path, work: Path, timeout_s
                        "r.start_time, r.end_time, t.value AS stage FROM runs r "
                        "LEFT JOIN run_tags t ON t.run_id = r.run_id AND t.key = 'heaters/stage'",
                        engine=dev.dagster_engine)
+        events = dev.sql("SELECT run_id, dagster_event_type AS type, extract(epoch FROM timestamp) AS ts "
+                         "FROM event_logs WHERE dagster_event_type IN ('PIPELINE_STARTING', 'PIPELINE_START', "
+                         "'STEP_START', 'PIPELINE_SUCCESS', 'PIPELINE_FAILURE') ORDER BY id",
+                         engine=dev.dagster_engine)
         n_clips = sum(states.values())
-    return analyse(name, env, t0, t1, n_clips, items, runs, ready_s)
+    res = analyse(name, env, t0, t1, n_clips, items, runs, ready_s)
+    res["timeline"] = timeline(t0, items, runs, events)
+    return res
+
+
+def timeline(t0: float, items: list[Any], runs: list[Any], events: list[Any]) -> list[dict[str, Any]]:
+    """One row per run, seconds from submit: created (sensor request), dequeued (run queue),
+    started (run worker up, code loaded), first step start, first item start, last item end,
+    run end. The gaps between them are where a hand-off's time goes."""
+    ev: dict[str, dict[str, float]] = {}
+    for e in events:
+        ev.setdefault(e.run_id, {}).setdefault(e.type, float(e.ts))
+    work: dict[str, list[tuple[float, float]]] = {}
+    for r in items:
+        if r.run_id and r.status == "succeeded":
+            end = float(r.ended)
+            work.setdefault(r.run_id, []).append((end - float(r.duration_s), end))
+    rows = []
+    for r in sorted(runs, key=lambda r: float(r.created)):
+        e, w = ev.get(r.run_id, {}), work.get(r.run_id, [])
+        rel = lambda x: round(x - t0, 2) if x is not None else None  # noqa: E731
+        rows.append({"stage": r.stage, "items": len(w), "created": rel(float(r.created)),
+                     "dequeued": rel(e.get("PIPELINE_STARTING")), "started": rel(e.get("PIPELINE_START")),
+                     "step_start": rel(e.get("STEP_START")), "first_item": rel(min((a for a, _ in w), default=None)),
+                     "last_item": rel(max((b for _, b in w), default=None)),
+                     "ended": rel(float(r.end_time) if r.end_time else None)})
+    return rows
 
 
 def _union(intervals: list[tuple[float, float]]) -> float:

@@ -255,3 +255,52 @@ def test_stage_sensors_tick_at_every_turn_of_the_sensor_daemon(monkeypatch):
     assert release_canceled_runs.minimum_interval_seconds < MIN_INTERVAL_LOOP_TIME
     monkeypatch.setenv("HEATERS_SENSOR_INTERVAL_S", "30")
     assert {s.minimum_interval_seconds for s in build_stage_sensors()} == {30}
+
+
+def _add_run(instance, stage, status):
+    from dagster._core.remote_origin import RegisteredCodeLocationOrigin, RemoteJobOrigin, RemoteRepositoryOrigin
+    from dagster._core.test_utils import create_run_for_test
+
+    from heaters_dagster.assets.factory import job_name
+
+    origin = RemoteJobOrigin(RemoteRepositoryOrigin(RegisteredCodeLocationOrigin("heaters"), "__repository__"),
+                             job_name(stage))
+    run = create_run_for_test(instance, job_name=job_name(stage), status=status, remote_job_origin=origin)
+    assert instance.get_run_by_id(run.run_id).status == status
+    return run
+
+
+def test_ready_items_wait_while_a_run_of_the_stage_is_queued_then_go_in_one_run(db, instance, monkeypatch):
+    """A run requested while another run of the stage is still queued would only queue behind it:
+    the sensor holds the items (however long the queue) until that run has started, then requests
+    one run for all of them; a queued run of another stage holds nothing."""
+    monkeypatch.delenv("HEATERS_BATCH_WAIT_S", raising=False)
+    keyframes = get_stage("keyframes")
+    vid = make_video(db)
+    (first,) = make_clips(db, vid, [(0, 24)], state="review_approved")
+    r0 = _batch_tick(instance, db, None, now=0.0, stage=keyframes)
+    assert _requested_ids(r0, instance, keyframes) == [first]
+    queued = _add_run(instance, keyframes, dg.DagsterRunStatus.QUEUED)  # r0's run, waiting for the pool
+    _add_run(instance, SPRITE, dg.DagsterRunStatus.QUEUED)
+    later = []
+    cursor = r0.cursor
+    for i, now in enumerate((5.0, 60.0, 600.0)):  # approvals arriving one by one, for minutes
+        later += make_clips(db, vid, [(24 + 24 * i, 48 + 24 * i)], state="review_approved")
+        r = _batch_tick(instance, db, cursor, now=now, stage=keyframes)
+        assert not r.run_requests and "until run" in r.skip_reason.skip_message, r.skip_reason
+        cursor = r.cursor
+    instance.handle_run_event(queued.run_id, dg.DagsterEvent(  # the queued run is dequeued and starts
+        event_type_value=dg.DagsterEventType.RUN_START.value, job_name=queued.job_name))
+    with db.session() as s:  # ... and claims its clip
+        transition(s, "clip", first, "review_approved", "keyframing")
+    assert instance.get_run_by_id(queued.run_id).status == dg.DagsterRunStatus.STARTED
+    r = _batch_tick(instance, db, cursor, now=601.0, stage=keyframes)
+    assert len(r.run_requests) == 1 and sorted(_requested_ids(r, instance, keyframes)) == sorted(later)
+    r2 = _batch_tick(instance, db, r.cursor, now=602.0, stage=keyframes)
+    assert not r2.run_requests  # never twice
+    # A full batch is not held.
+    monkeypatch.setenv("HEATERS_BATCH_SIZE", "2")
+    _add_run(instance, keyframes, dg.DagsterRunStatus.QUEUED)
+    more = make_clips(db, vid, [(200, 224), (224, 248)], state="review_approved")
+    r3 = _batch_tick(instance, db, r2.cursor, now=603.0, stage=keyframes)
+    assert sorted(_requested_ids(r3, instance, keyframes)) == sorted(more)

@@ -11,6 +11,9 @@ covers one contiguous range, so a range may *bridge* up to ``Stage.max_gap`` par
 not the stage's work; the asset leaves those alone with one query (they show as part of the run in
 the UI). ``max_gap=0`` requests ranges of ready items only.
 
+While a run of the stage is still queued or starting, newly ready items wait for it to start (a
+run requested now would only queue behind it); a full batch goes at once.
+
 Nothing is requested twice: the cursor remembers ``id -> version`` for every item requested and
 not yet finished; an item is requested again only when its version changes (a deliberate
 re-queue bumps it). Run keys carry the ids and versions as well, so even a lost cursor cannot
@@ -108,6 +111,16 @@ def run_request_for(stage: Stage, chunk: list[str], versions: dict[str, int]) ->
     )
 
 
+WAITING_STATUSES = (dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.STARTING)
+
+
+def waiting_run(context: Any, stage: Stage) -> "dg.DagsterRun | None":
+    """A run of the stage's job that is queued or starting (its items not yet claimed), if any."""
+    runs = context.instance.get_runs(filters=dg.RunsFilter(job_name=job_name(stage), statuses=list(WAITING_STATUSES)),
+                             limit=1)
+    return runs[0] if runs else None
+
+
 def partitions_per_run(stage: Stage) -> int:
     """The stage's ``max_partitions_per_run``, capped by ``HEATERS_MAX_PARTITIONS_PER_RUN``."""
     from heaters_dagster.settings import get_settings
@@ -143,6 +156,18 @@ def evaluate_stage_sensor(context: Any, stage: Stage, database: DatabaseResource
     in_flight = any(k in live and k not in ready for k in cursor.requested)
     if not ready:
         cursor.waiting_since = None
+    elif len(ready) < full and (waiting := waiting_run(context, stage)) is not None:
+        # A run of this stage is still queued or starting: a run requested now would only queue
+        # behind it (the stage's pool or the run limit holds it), paying its own launch and start.
+        # Hold the items until that run has started; they then go in one run, at once if the
+        # window has passed by then. This is what keeps the clips a long sprite run approves one
+        # by one from becoming a queue of small keyframes runs.
+        if cursor.waiting_since is None:
+            cursor.waiting_since = now
+        return dg.SensorResult(
+            skip_reason=dg.SkipReason(f"holding {len(ready)} ready {stage.entity}s for {stage.name} until run "
+                                      f"{waiting.run_id[:8]} ({waiting.status.value.lower()}) has started"),
+            cursor=cursor.dump())
     elif wait_s > 0 and len(ready) < full and in_flight:
         if cursor.waiting_since is None:
             cursor.waiting_since = now
