@@ -51,9 +51,9 @@ class Stage:
     params: dict[str, Any] = field(default_factory=dict)  # defaults, overridable in the executor config
     kinds: tuple[str, ...] = ("ffmpeg",)
     # For a stage whose every run pays a fixed start cost (a model load): while one of its runs is
-    # in flight, its sensor holds newly ready items for up to this long (or until that run ends, or
-    # a full batch is ready), so they share the next run. The window is the longer of this and
-    # HEATERS_BATCH_WAIT_S.
+    # in flight, or its upstream stage still has items ready or in progress, its sensor holds newly
+    # ready items for up to this long (or until that ends, or a full batch is ready), so they share
+    # the next run. The window is the longer of this and HEATERS_BATCH_WAIT_S.
     hold_while_in_flight_s: float = 0.0
 
     @property

@@ -304,3 +304,31 @@ def test_ready_items_wait_while_a_run_of_the_stage_is_queued_then_go_in_one_run(
     more = make_clips(db, vid, [(200, 224), (224, 248)], state="review_approved")
     r3 = _batch_tick(instance, db, r2.cursor, now=603.0, stage=keyframes)
     assert sorted(_requested_ids(r3, instance, keyframes)) == sorted(more)
+
+
+def test_embedding_waits_for_keyframes_still_in_flight_within_its_hold(db, instance, monkeypatch):
+    """The first keyframed clips do not start an embedding run (and its model load) of their own
+    while keyframes still has clips in progress or approved: they wait for the rest, at most
+    hold_while_in_flight_s; with keyframes idle they go at the next tick."""
+    monkeypatch.delenv("HEATERS_BATCH_WAIT_S", raising=False)
+    emb = get_stage("embedding")
+    vid = make_video(db)
+    early = make_clips(db, vid, [(0, 24), (24, 48)], state="keyframed")
+    (busy,) = make_clips(db, vid, [(48, 72)], state="keyframing")
+    r0 = _batch_tick(instance, db, None, now=0.0, stage=emb)
+    r1 = _batch_tick(instance, db, r0.cursor, now=emb.hold_while_in_flight_s / 2, stage=emb)
+    assert not r0.run_requests and not r1.run_requests and "collecting" in r1.skip_reason.skip_message
+    with db.session() as s:  # keyframes finishes its last clip
+        transition(s, "clip", busy, "keyframing", "keyframed")
+    r2 = _batch_tick(instance, db, r1.cursor, now=emb.hold_while_in_flight_s / 2 + 1, stage=emb)
+    assert len(r2.run_requests) == 1 and sorted(_requested_ids(r2, instance, emb)) == sorted([*early, busy])
+    # Keyframes busy for longer than the hold does not hold embedding for longer than that.
+    (late,) = make_clips(db, vid, [(72, 96)], state="keyframed")
+    make_clips(db, vid, [(96, 120)], state="review_approved")
+    with db.session() as s:
+        for cid in (*early, busy):
+            transition(s, "clip", cid, "keyframed", "embedding")
+            transition(s, "clip", cid, "embedding", "embedded")
+    r3 = _batch_tick(instance, db, r2.cursor, now=100.0, stage=emb)
+    r4 = _batch_tick(instance, db, r3.cursor, now=100.0 + emb.hold_while_in_flight_s, stage=emb)
+    assert not r3.run_requests and _requested_ids(r4, instance, emb) == [late]

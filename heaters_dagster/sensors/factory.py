@@ -121,6 +121,17 @@ def waiting_run(context: Any, stage: Stage) -> "dg.DagsterRun | None":
     return runs[0] if runs else None
 
 
+def upstream_busy(database: DatabaseResource, stage: Stage) -> bool:
+    """Whether a stage upstream of ``stage`` (same entity) has items ready for it or in progress."""
+    model = MODELS[stage.entity]
+    states = [st for up in STAGES if up.name in stage.upstream and up.entity == stage.entity
+              for st in (*up.input_states, up.in_progress_state)]
+    if not states:
+        return False
+    with database.session() as session:
+        return session.execute(select(model.id).where(model.state.in_(states)).limit(1)).first() is not None
+
+
 def partitions_per_run(stage: Stage) -> int:
     """The stage's ``max_partitions_per_run``, capped by ``HEATERS_MAX_PARTITIONS_PER_RUN``."""
     from heaters_dagster.settings import get_settings
@@ -154,6 +165,10 @@ def evaluate_stage_sensor(context: Any, stage: Stage, database: DatabaseResource
     # batch or the window's end requests the runs. A stage with nothing in flight requests at once.
     wait_s, full = batch_settings(stage)
     in_flight = any(k in live and k not in ready for k in cursor.requested)
+    if ready and not in_flight and stage.hold_while_in_flight_s > 0:
+        # A stage with a fixed start cost also holds while its upstream stage still has items
+        # ready or in flight (the rest of them will be here soon), within the same window.
+        in_flight = upstream_busy(database, stage)
     if not ready:
         cursor.waiting_since = None
     elif len(ready) < full and (waiting := waiting_run(context, stage)) is not None:
