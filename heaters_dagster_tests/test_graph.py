@@ -189,5 +189,8 @@ def test_partition_sets_stay_within_the_limit_by_retiring_finished_clips(db, ins
 
     with db.session() as s:  # a retired clip re-queued: its stage sensor registers it again
         transition(s, "clip", ids[0], "embedded", "keyframed", bump_version=True)
+        # and keyframes' approved clip done too: while keyframes has a clip to do, embedding holds
+        transition(s, "clip", ids[10], "review_approved", "keyframing")
+        transition(s, "clip", ids[10], "keyframing", "keyframed", bump_version=True)
     PipelineDriver(build_definitions(database_url=db.url), instance).tick(get_stage("embedding"))
     assert instance.get_dynamic_partitions("clips")[-1] == keys[0]
