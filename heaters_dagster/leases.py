@@ -16,7 +16,9 @@ requests it again), the reason in ``last_error`` and an entry in ``claim_history
 
 * when its lease expired (:func:`recover_expired`, run by the ``lease_recovery_sensor``);
 * at once when its owning run is known dead (:func:`release_run`, run by the run failure /
-  cancellation sensors, after Dagster's run monitoring marked a crashed run worker's run failed).
+  cancellation sensors, after Dagster's run monitoring marked a crashed run worker's run failed);
+  the items such a run was requested for but never claimed (:func:`release_unclaimed`: it died
+  before its step claimed them, or was canceled in the queue) get a new version the same way.
 
 An item lost ``max_lost`` times goes to its failure state instead, as a poison item, with the
 history in ``last_error``. A retry of the same run (a step retry, or a run retry whose parent held
@@ -249,6 +251,52 @@ def release_run(session: Session, run_id: str, reason: str) -> list[Recovered]:
     for kind in TABLES:
         out += _recover(session, kind, "claim_run_id = :run_id", {"run_id": run_id, "reason": reason},
                         reason_sql, 100000)
+    return out
+
+
+def release_unclaimed(session: Session, stage: Any, ids: Iterable[int], *, run_id: str,
+                      reason: str) -> list[Recovered]:
+    """Items a dead run was to do but never claimed (it failed or was canceled before its step
+    started) sit in the stage's input state at the version its sensor already requested, so no
+    sensor would request them again. Each gets a new version, so its sensor requests it again, and
+    counts as lost once: a run that keeps dying before it claims anything (a code location that
+    cannot load) poisons its items after ``max_lost`` tries instead of looping. Items held or
+    finished meanwhile are left alone."""
+    id_list = sorted({int(i) for i in ids})
+    if not id_list:
+        return []
+    poison_after = max_lost()
+    ready = f"({stage.ready_sql})" if stage.ready_sql else "true"
+    rows = session.execute(text(f"""
+        WITH victims AS (
+            SELECT id, state AS old_state FROM {_table(stage.entity)}
+            WHERE id IN :ids AND state IN :inputs AND claim_owner IS NULL AND {ready}
+            ORDER BY id FOR UPDATE SKIP LOCKED
+        ) UPDATE {_table(stage.entity)} AS t SET
+            state = CASE WHEN t.lost_count + 1 >= :poison THEN :failure ELSE t.state END,
+            version = t.version + 1,
+            lost_count = t.lost_count + 1,
+            last_error = left(CASE WHEN t.lost_count + 1 >= :poison
+                THEN 'poison item: lost ' || (t.lost_count + 1) || ' times (HEATERS_MAX_LOST=' || :poison
+                     || '); last: ' || :reason
+                ELSE :reason END, 4000),
+            claim_history = t.claim_history || jsonb_build_array(jsonb_build_object(
+                'owner', NULL, 'run_id', CAST(:run_id AS text), 'claimed_at', NULL, 'lost_at', now(),
+                'reason', CAST(:reason AS text))),
+            updated_at = now()
+        FROM victims v WHERE t.id = v.id
+        RETURNING t.id, v.old_state, t.state, t.last_error
+    """).bindparams(bindparam("ids", expanding=True), bindparam("inputs", expanding=True)),
+        {"ids": id_list, "inputs": list(stage.input_states), "poison": poison_after,
+         "failure": stage.failure_state, "reason": reason, "run_id": run_id}).all()
+    out = []
+    for r in rows:
+        out.append(Recovered(stage.entity, int(r.id), stage.name, r.old_state, r.state,
+                             r.state == stage.failure_state, None, r.last_error))
+        session.execute(text("""
+            INSERT INTO stage_results (stage, entity_kind, entity_id, status, error_type, message, run_id)
+            VALUES (:stage, :kind, :id, 'lost', 'RunDiedBeforeClaim', :msg, :run_id)
+        """), {"stage": stage.name, "kind": stage.entity, "id": int(r.id), "msg": r.last_error, "run_id": run_id})
     return out
 
 

@@ -74,14 +74,15 @@ class Dev:
         return sub.video_id
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, dev: Any = None, every: float = 0.2) -> Any:
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, proc: Any = None, every: float = 0.2) -> Any:
+    """Poll ``predicate`` until it is truthy; on timeout fail with the tail of ``proc``'s log (a DevProcess)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(every)
-    tail = f"\n--- heaters dev log ---\n{dev.proc.log_tail(80)}" if dev is not None else ""
+    tail = f"\n--- heaters dev log ---\n{proc.log_tail(80)}" if proc is not None else ""
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}{tail}")
 
 
@@ -310,6 +311,66 @@ def test_a_stalled_input_is_killed_and_the_rest_of_its_run_completes(dev, media,
                    "AND entity_id = ANY(:ids)", ids=[stalled, fine])
     assert len({r.run_id for r in runs}) == 1, runs  # one run: the stalled item did not block its neighbour
     _assert_clean(dev, fine, 2)
+
+
+def _daemon(dev: Dev) -> psutil.Process:
+    """The ``dagster-daemon run`` process under ``heaters dev`` (sensors and the run queue)."""
+    for p in psutil.Process(dev.proc.proc.pid).children(recursive=True):
+        try:
+            cmd = " ".join(p.cmdline())
+            if "dagster._daemon run" in cmd or "dagster-daemon run" in cmd:
+                return p
+        except psutil.NoSuchProcess:
+            continue
+    raise AssertionError("no dagster-daemon under heaters dev")
+
+
+def _run_of(dev: Dev, job: str, partition: str):
+    rows = dev.dagster_sql("SELECT r.run_id, r.status FROM runs r JOIN run_tags t ON t.run_id = r.run_id "
+                           "WHERE r.pipeline_name = :j AND t.key = 'dagster/partition' AND t.value = :p "
+                           "ORDER BY r.id", j=job, p=partition)
+    return rows[0] if rows else None
+
+
+def test_a_run_canceled_in_the_queue_does_not_strand_its_item(dev, media):
+    """An operator cancels a stage run from the UI while it waits in the run queue, before any step
+    claimed its item. The item is still in its input state at the version its sensor requested, so
+    nothing would request it again; the cancellation sensor gives it a new version, the sensor
+    requests it again and it completes, once. (The daemon is paused for the moment of the cancel, so
+    the run is caught in the queue.)"""
+    daemon = _daemon(dev)
+    for attempt in range(5):
+        vid = dev.submit(_video(media, f"queued-cancel-{attempt}", [2.0, 2.5]).path, f"queued cancel {attempt}")
+        # The sensor creates the run (NOT_STARTED), then submits it to the queue (QUEUED).
+        wait_for(lambda: (r := _run_of(dev, "ingest_job", str(vid))) is not None and r.status != "NOT_STARTED", 60,
+                 "the ingest run to be queued", dev.proc, every=0.02)
+        daemon.suspend()
+        try:
+            run = _run_of(dev, "ingest_job", str(vid))
+            if run.status == "QUEUED":
+                data = dev.proc.graphql(
+                    "mutation($r: String!) { terminateRun(runId: $r) { __typename "
+                    "... on TerminateRunFailure { message } ... on PythonError { message } } }", {"r": run.run_id})
+                assert data["terminateRun"]["__typename"] == "TerminateRunSuccess", data
+                break
+        finally:
+            daemon.resume()
+        wait_for(lambda: _done(dev, vid, 2), 240, "a video whose run left the queue first", dev.proc)
+    else:
+        raise AssertionError("the ingest run left the queue before it could be canceled, five times")
+    assert _run_of(dev, "ingest_job", str(vid)).status == "CANCELED"
+    wait_for(lambda: _done(dev, vid, 2), 240, "the canceled run's video to be ingested by another run", dev.proc)
+    _assert_clean(dev, vid, 2)
+    steps = dev.dagster_sql("SELECT count(*) FROM event_logs WHERE run_id = :r AND dagster_event_type = 'STEP_START'",
+                            r=run.run_id)[0][0]
+    assert steps == 0  # it never started: the item was never claimed by it
+    lost = dev.sql("SELECT error_type, message FROM stage_results WHERE stage = 'ingest' AND entity_id = :v "
+                   "AND status = 'lost'", v=vid)
+    assert [r.error_type for r in lost] == ["RunDiedBeforeClaim"]
+    assert f"run {run.run_id} was canceled" in lost[0].message
+    finisher = dev.sql("SELECT run_id FROM stage_results WHERE stage = 'ingest' AND entity_id = :v "
+                       "AND status = 'succeeded'", v=vid)
+    assert len(finisher) == 1 and finisher[0].run_id != run.run_id
 
 
 def _pg_restart(home: Path, down_s: float) -> None:

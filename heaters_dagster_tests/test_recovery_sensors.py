@@ -52,6 +52,99 @@ def test_run_failure_sensor_releases_the_failed_runs_items_at_once(defs, db, ins
     assert row_of(db, "clip", other).state == "generating_sprite"
 
 
+def _failed_run_of(instance, job: str, tags: dict[str, str]):
+    """A run of a stage job that failed before its step started (no worker ever got to the items)."""
+    from dagster._core.test_utils import create_run_for_test
+
+    run = create_run_for_test(instance, job_name=job, status=dg.DagsterRunStatus.STARTING, tags=tags)
+    event = instance.report_run_failed(run, message="the run worker could not load the code location")
+    return instance.get_run_by_id(run.run_id), event
+
+
+def _range(a: int, b: int) -> dict[str, str]:
+    return {"dagster/asset_partition_range_start": str(a), "dagster/asset_partition_range_end": str(b)}
+
+
+def test_a_run_that_died_before_claiming_hands_back_what_it_never_claimed(defs, db, instance, monkeypatch):
+    """A stage run fails before its step claims anything (the worker could not start, run monitoring's
+    start timeout, a run canceled in the queue): its items are still in the input state at the version
+    the sensor requested, so the sensor would never request them again. The failure sensor gives them
+    a new version and the sensor requests them again; items that another unfinished run of the stage
+    covers, or that someone holds, are left alone; a run Dagster will retry leaves them to the retry;
+    an item whose runs keep dying becomes a poison item instead of looping."""
+    from dagster._core.test_utils import create_run_for_test
+
+    from heaters_dagster.inprocess import PipelineDriver
+
+    vid = make_video(db)
+    a, b, c, d, e = make_clips(db, vid, [(i * 24, i * 24 + 24) for i in range(5)])
+    driver = PipelineDriver(defs, instance)
+    (first,) = driver.tick(get_stage("sprite"))  # one run over a..e: every clip is in the cursor now
+    assert first.tags["dagster/asset_partition_range_start"] == str(a)
+    assert driver.tick(get_stage("sprite")) == []  # requested: not again
+    with db.session() as s:
+        leases.claim(s, get_stage("sprite"), b, leases.Claimant("someone/sprite#0@h:1", "someone"))
+    create_run_for_test(instance, job_name="sprite_job", status=dg.DagsterRunStatus.STARTED, tags=_range(d, e))
+
+    run, event = _failed_run_of(instance, "sprite_job", _range(a, e))
+    ctx = dg.build_run_status_sensor_context(sensor_name="release_failed_runs", dagster_event=event,
+                                             dagster_instance=instance, dagster_run=run,
+                                             resources={"database": defs.resources["database"]})
+    release_failed_runs(ctx.for_run_failure())
+    for clip in (a, c):
+        row = row_of(db, "clip", clip)
+        assert (row.state, row.version, row.lost_count) == ("spliced", 1, 1)
+        assert row.last_error.startswith(f"run {run.run_id} failed: the run worker could not load")
+        assert "before it claimed this clip" in row.last_error
+    assert row_of(db, "clip", b).state == "generating_sprite"  # held by someone: theirs
+    for clip in (d, e):  # another unfinished run of sprite covers them
+        assert (row_of(db, "clip", clip).version, row_of(db, "clip", clip).lost_count) == (0, 0)
+    again = driver.tick(get_stage("sprite"))
+    assert [r.partition_key for r in again] == [str(a), str(c)]  # b (held) lies between them: two runs
+
+    # A run whose step started claimed its items at once: what it left is its step retry's and the
+    # leases' business, not this sensor's.
+    from dagster._core.test_utils import create_run_for_test as _create
+
+    started = _create(instance, job_name="sprite_job", status=dg.DagsterRunStatus.STARTED,
+                      tags={"dagster/partition": str(a)})
+    instance.report_dagster_event(dg.DagsterEvent(event_type_value="STEP_START", job_name="sprite_job",
+                                                  step_key="sprite"), started.run_id)
+    event0 = instance.report_run_failed(started, message="step failed")
+    ctx = dg.build_run_status_sensor_context(sensor_name="release_failed_runs", dagster_event=event0,
+                                             dagster_instance=instance, dagster_run=instance.get_run_by_id(started.run_id),
+                                             resources={"database": defs.resources["database"]})
+    release_failed_runs(ctx.for_run_failure())
+    assert row_of(db, "clip", a).version == 1
+
+    # A run Dagster will retry: the retry covers its items.
+    run2, event2 = _failed_run_of(instance, "sprite_job", {"dagster/partition": str(a)})
+    instance.add_run_tags(run2.run_id, {"dagster/will_retry": "true"})
+    ctx = dg.build_run_status_sensor_context(sensor_name="release_failed_runs", dagster_event=event2,
+                                             dagster_instance=instance, dagster_run=run2,
+                                             resources={"database": defs.resources["database"]})
+    release_failed_runs(ctx.for_run_failure())
+    assert row_of(db, "clip", a).version == 1
+
+    # Runs that keep dying before they claim: after HEATERS_MAX_LOST the item is a poison item.
+    monkeypatch.setenv("HEATERS_MAX_LOST", "2")
+    run3, event3 = _failed_run_of(instance, "sprite_job", {"dagster/partition": str(a)})
+    ctx = dg.build_run_status_sensor_context(sensor_name="release_failed_runs", dagster_event=event3,
+                                             dagster_instance=instance, dagster_run=run3,
+                                             resources={"database": defs.resources["database"]})
+    release_failed_runs(ctx.for_run_failure())
+    row = row_of(db, "clip", a)
+    assert (row.state, row.lost_count) == ("sprite_failed", 2) and row.last_error.startswith("poison item: lost 2")
+    results = [r for (r,) in db_rows(db, "SELECT status FROM stage_results WHERE entity_id = :i AND stage = 'sprite'",
+                                    i=a)]
+    assert results == ["lost", "lost"]
+
+
+def db_rows(db, sql: str, **params):
+    with db.session() as s:
+        return s.execute(text(sql), params).all()
+
+
 def test_store_hygiene_sensor_removes_old_orphans_only(defs, db, store, instance, monkeypatch):
     monkeypatch.setenv("HEATERS_ORPHAN_GRACE_S", "60")
     store.put_bytes(b"old", "sources/9/clips/old-orphan.mp4")

@@ -8,7 +8,11 @@
   of a run that Dagster knows is dead at once, without waiting for the lease: a run worker that
   crashed is reported failed by the code server that launched it, a run that hangs past its
   ``dagster/max_runtime`` or start timeout by the daemon's run monitoring (``dagster.yaml``), and a
-  run terminated from the UI ends canceled.
+  run terminated from the UI ends canceled. The items of such a run that died before its step
+  started (a worker that could not start, run monitoring's start timeout, a run canceled in the
+  queue), which it never claimed, get a new version too, so their
+  sensor requests them again; while Dagster will retry the run (``dagster/will_retry``), the
+  retry covers them instead.
 
 * ``store_hygiene_sensor`` (every ``HEATERS_HYGIENE_INTERVAL_S``, 30 min) removes what a kill
   between storing files and committing their rows leaves behind: store files no row references and
@@ -20,12 +24,19 @@ They only change rows and files; the stage sensors do the requesting, so nothing
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import dagster as dg
+from dagster._core.storage.tags import (ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG,
+                                        PARTITION_NAME_TAG, WILL_RETRY_TAG)
+from dagster._core.storage.dagster_run import NOT_FINISHED_STATUSES
 
 from heaters_dagster import leases
+from heaters_dagster.assets.factory import job_name
 from heaters_dagster.resources.database import DatabaseResource
 from heaters_dagster.resources.storage import StorageResource
 from heaters_dagster.settings import get_settings
+from heaters_dagster.stages import STAGES, Stage
 
 RECOVERY_INTERVAL_S = get_settings().recovery_interval_s  # fixed when the code location loads
 
@@ -54,9 +65,64 @@ def lease_recovery_sensor(context: dg.SensorEvaluationContext, database: Databas
     return evaluate_lease_recovery(context, database)
 
 
-def release_run_items(database: DatabaseResource, run: dg.DagsterRun, reason: str, log: object) -> list:
+def stage_of_run(run: dg.DagsterRun) -> Stage | None:
+    """The stage whose job ``run`` is (None for any other job)."""
+    return next((s for s in STAGES if job_name(s) == run.job_name), None)
+
+
+def run_partition_keys(run: dg.DagsterRun, keys_in_order: Sequence[str]) -> list[str]:
+    """The partitions a run covers: its partition tag, or its range over the partition order (by
+    id when an end has since left the partition set)."""
+    tags = run.tags
+    if tags.get(PARTITION_NAME_TAG):
+        return [tags[PARTITION_NAME_TAG]]
+    start, end = tags.get(ASSET_PARTITION_RANGE_START_TAG), tags.get(ASSET_PARTITION_RANGE_END_TAG)
+    if not start or not end:
+        return []
+    pos = {k: i for i, k in enumerate(keys_in_order)}
+    if start in pos and end in pos:
+        return list(keys_in_order[pos[start]:pos[end] + 1])
+    try:
+        lo, hi = int(start), int(end)
+    except ValueError:
+        return []
+    return [k for k in keys_in_order if k.isdigit() and lo <= int(k) <= hi] or [start, end]
+
+
+def unclaimed_items_of(instance: dg.DagsterInstance, run: dg.DagsterRun) -> tuple[Stage | None, list[int]]:
+    """The items of a stage run that died before its step started (so it claimed none of them),
+    less those another unfinished run of the stage covers. Empty when its step started (the
+    executor claimed its items at once; a step that dies later is Dagster's step retry's and the
+    leases' business) and while Dagster will retry the run (the retry covers them)."""
+    stage = stage_of_run(run)
+    if stage is None:
+        return None, []
+    fresh = instance.get_run_by_id(run.run_id) or run
+    if fresh.tags.get(WILL_RETRY_TAG) == "true":
+        return stage, []
+    if instance.get_records_for_run(run.run_id, of_type=dg.DagsterEventType.STEP_START, limit=1).records:
+        return stage, []
+    order = instance.get_dynamic_partitions(stage.partitions_name)
+    mine = set(run_partition_keys(fresh, order))
+    others = instance.get_runs(filters=dg.RunsFilter(job_name=job_name(stage),
+                                                     statuses=list(NOT_FINISHED_STATUSES)))
+    for other in others:
+        if other.run_id != run.run_id:
+            mine -= set(run_partition_keys(other, order))
+    return stage, sorted(int(k) for k in mine if k.isdigit())
+
+
+def release_run_items(database: DatabaseResource, run: dg.DagsterRun, reason: str, log: object,
+                      instance: dg.DagsterInstance | None = None) -> list:
+    """The run is dead: its claimed items go back at once (new version, counted as lost), and, with
+    ``instance``, so do the items it covered but never claimed, which would otherwise sit in their
+    input state at the version their sensor already requested, never requested again."""
+    stage, unclaimed = unclaimed_items_of(instance, run) if instance is not None else (None, [])
     with database.session() as session:
         released = leases.release_run(session, run.run_id, reason)
+        if stage is not None and unclaimed:
+            released += leases.release_unclaimed(session, stage, unclaimed, run_id=run.run_id,
+                                                 reason=f"{reason}; before it claimed this {stage.entity}")
     for r in released:
         getattr(log, "warning")(f"{r.kind} {r.id}: {r.from_state} -> {r.to_state}: {r.reason}")
     return released
@@ -72,14 +138,15 @@ def release_failed_runs(context: dg.RunFailureSensorContext, database: DatabaseR
     message = (context.failure_event.message or "").strip().splitlines()[:1]
     release_run_items(database, context.dagster_run,
                       f"run {context.dagster_run.run_id} failed" + (f": {message[0][:300]}" if message else ""),
-                      context.log)
+                      context.log, context.instance)
 
 
 @dg.run_status_sensor(name="release_canceled_runs", run_status=dg.DagsterRunStatus.CANCELED,
                       default_status=dg.DefaultSensorStatus.RUNNING, minimum_interval_seconds=1,
                       description="When a run is canceled, its claimed items go back to their input state at once.")
 def release_canceled_runs(context: dg.RunStatusSensorContext, database: DatabaseResource) -> None:
-    release_run_items(database, context.dagster_run, f"run {context.dagster_run.run_id} was canceled", context.log)
+    release_run_items(database, context.dagster_run, f"run {context.dagster_run.run_id} was canceled", context.log,
+                      context.instance)
 
 
 HYGIENE_INTERVAL_S = get_settings().hygiene_interval_s  # fixed when the code location loads
