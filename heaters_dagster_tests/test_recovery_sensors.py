@@ -61,6 +61,14 @@ def _failed_run_of(instance, job: str, tags: dict[str, str]):
     return instance.get_run_by_id(run.run_id), event
 
 
+def _report_to_failure_sensor(defs, instance, run, event) -> None:
+    """Evaluate ``release_failed_runs`` for ``run``'s failure ``event``, as the daemon would."""
+    ctx = dg.build_run_status_sensor_context(sensor_name="release_failed_runs", dagster_event=event,
+                                             dagster_instance=instance, dagster_run=run,
+                                             resources={"database": defs.resources["database"]})
+    release_failed_runs(ctx.for_run_failure())
+
+
 def _range(a: int, b: int) -> dict[str, str]:
     return {"dagster/asset_partition_range_start": str(a), "dagster/asset_partition_range_end": str(b)}
 
@@ -87,10 +95,7 @@ def test_a_run_that_died_before_claiming_hands_back_what_it_never_claimed(defs, 
     create_run_for_test(instance, job_name="sprite_job", status=dg.DagsterRunStatus.STARTED, tags=_range(d, e))
 
     run, event = _failed_run_of(instance, "sprite_job", _range(a, e))
-    ctx = dg.build_run_status_sensor_context(sensor_name="release_failed_runs", dagster_event=event,
-                                             dagster_instance=instance, dagster_run=run,
-                                             resources={"database": defs.resources["database"]})
-    release_failed_runs(ctx.for_run_failure())
+    _report_to_failure_sensor(defs, instance, run, event)
     for clip in (a, c):
         row = row_of(db, "clip", clip)
         assert (row.state, row.version, row.lost_count) == ("spliced", 1, 1)
@@ -104,35 +109,24 @@ def test_a_run_that_died_before_claiming_hands_back_what_it_never_claimed(defs, 
 
     # A run whose step started claimed its items at once: what it left is its step retry's and the
     # leases' business, not this sensor's.
-    from dagster._core.test_utils import create_run_for_test as _create
-
-    started = _create(instance, job_name="sprite_job", status=dg.DagsterRunStatus.STARTED,
+    started = create_run_for_test(instance, job_name="sprite_job", status=dg.DagsterRunStatus.STARTED,
                       tags={"dagster/partition": str(a)})
     instance.report_dagster_event(dg.DagsterEvent(event_type_value="STEP_START", job_name="sprite_job",
                                                   step_key="sprite"), started.run_id)
     event0 = instance.report_run_failed(started, message="step failed")
-    ctx = dg.build_run_status_sensor_context(sensor_name="release_failed_runs", dagster_event=event0,
-                                             dagster_instance=instance, dagster_run=instance.get_run_by_id(started.run_id),
-                                             resources={"database": defs.resources["database"]})
-    release_failed_runs(ctx.for_run_failure())
+    _report_to_failure_sensor(defs, instance, instance.get_run_by_id(started.run_id), event0)
     assert row_of(db, "clip", a).version == 1
 
     # A run Dagster will retry: the retry covers its items.
     run2, event2 = _failed_run_of(instance, "sprite_job", {"dagster/partition": str(a)})
     instance.add_run_tags(run2.run_id, {"dagster/will_retry": "true"})
-    ctx = dg.build_run_status_sensor_context(sensor_name="release_failed_runs", dagster_event=event2,
-                                             dagster_instance=instance, dagster_run=run2,
-                                             resources={"database": defs.resources["database"]})
-    release_failed_runs(ctx.for_run_failure())
+    _report_to_failure_sensor(defs, instance, run2, event2)
     assert row_of(db, "clip", a).version == 1
 
     # Runs that keep dying before they claim: after HEATERS_MAX_LOST the item is a poison item.
     monkeypatch.setenv("HEATERS_MAX_LOST", "2")
     run3, event3 = _failed_run_of(instance, "sprite_job", {"dagster/partition": str(a)})
-    ctx = dg.build_run_status_sensor_context(sensor_name="release_failed_runs", dagster_event=event3,
-                                             dagster_instance=instance, dagster_run=run3,
-                                             resources={"database": defs.resources["database"]})
-    release_failed_runs(ctx.for_run_failure())
+    _report_to_failure_sensor(defs, instance, run3, event3)
     row = row_of(db, "clip", a)
     assert (row.state, row.lost_count) == ("sprite_failed", 2) and row.last_error.startswith("poison item: lost 2")
     results = [r for (r,) in db_rows(db, "SELECT status FROM stage_results WHERE entity_id = :i AND stage = 'sprite'",

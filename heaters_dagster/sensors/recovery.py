@@ -24,7 +24,8 @@ They only change rows and files; the stage sensors do the requesting, so nothing
 
 from __future__ import annotations
 
-from typing import Sequence
+import functools
+from typing import Callable, Sequence
 
 import dagster as dg
 from dagster._core.storage.tags import (ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG,
@@ -70,23 +71,24 @@ def stage_of_run(run: dg.DagsterRun) -> Stage | None:
     return next((s for s in STAGES if job_name(s) == run.job_name), None)
 
 
-def run_partition_keys(run: dg.DagsterRun, keys_in_order: Sequence[str]) -> list[str]:
-    """The partitions a run covers: its partition tag, or its range over the partition order (by
-    id when an end has since left the partition set)."""
+def run_partition_keys(run: dg.DagsterRun, keys_in_order: Callable[[], Sequence[str]]) -> list[str]:
+    """The partitions a run covers: its partition tag, or its range over the partition order
+    (``keys_in_order``, called only for a range; by id when an end has since left the set)."""
     tags = run.tags
     if tags.get(PARTITION_NAME_TAG):
         return [tags[PARTITION_NAME_TAG]]
     start, end = tags.get(ASSET_PARTITION_RANGE_START_TAG), tags.get(ASSET_PARTITION_RANGE_END_TAG)
     if not start or not end:
         return []
-    pos = {k: i for i, k in enumerate(keys_in_order)}
+    order = keys_in_order()
+    pos = {k: i for i, k in enumerate(order)}
     if start in pos and end in pos:
-        return list(keys_in_order[pos[start]:pos[end] + 1])
+        return list(order[pos[start]:pos[end] + 1])
     try:
         lo, hi = int(start), int(end)
     except ValueError:
         return []
-    return [k for k in keys_in_order if k.isdigit() and lo <= int(k) <= hi] or [start, end]
+    return [k for k in order if k.isdigit() and lo <= int(k) <= hi] or [start, end]
 
 
 def unclaimed_items_of(instance: dg.DagsterInstance, run: dg.DagsterRun) -> tuple[Stage | None, list[int]]:
@@ -102,8 +104,10 @@ def unclaimed_items_of(instance: dg.DagsterInstance, run: dg.DagsterRun) -> tupl
         return stage, []
     if instance.get_records_for_run(run.run_id, of_type=dg.DagsterEventType.STEP_START, limit=1).records:
         return stage, []
-    order = instance.get_dynamic_partitions(stage.partitions_name)
+    order = functools.cache(lambda: instance.get_dynamic_partitions(stage.partitions_name))  # ranges only
     mine = set(run_partition_keys(fresh, order))
+    if not mine:
+        return stage, []
     others = instance.get_runs(filters=dg.RunsFilter(job_name=job_name(stage),
                                                      statuses=list(NOT_FINISHED_STATUSES)))
     for other in others:
