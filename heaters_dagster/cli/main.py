@@ -26,6 +26,14 @@ def _db_ready() -> None:
     upgrade(database_url())
 
 
+def _dagster_db_ready() -> None:
+    """Create Dagster's own tables where missing: dagster.yaml does not autocreate them (see
+    ``ensure_dagster_storage``). For the commands that run Dagster (dev, demo, db upgrade)."""
+    from heaters_dagster.database.migrate import ensure_dagster_storage
+
+    ensure_dagster_storage()
+
+
 def _one_line(message: str) -> str:
     return " ".join(str(message).split())
 
@@ -94,8 +102,10 @@ def db() -> None:
 
 @db.command("upgrade")
 def db_upgrade() -> None:
-    """Apply Alembic migrations (starts the embedded Postgres when no URL is configured)."""
+    """Apply Alembic migrations and create Dagster's tables where missing (starts the embedded
+    Postgres when no URL is configured)."""
     _db_ready()
+    _dagster_db_ready()
     click.echo("database is at the latest migration")
 
 
@@ -357,6 +367,7 @@ def demo(scenes: str) -> None:
     with session_scope() as session:
         sub = submit_source(session, store, str(sample), "Heaters demo")
     click.echo(f"submitted video {sub.video_id}")
+    _dagster_db_ready()
     prepare_dagster_home()
     with dg.DagsterInstance.get() as instance:
         driver = PipelineDriver(defs, instance, log=click.echo)
@@ -401,6 +412,7 @@ def dev(ctx: click.Context) -> None:
     recover_previous_dev(hhome, echo=say)
     ensure_environment()
     _db_ready()
+    _dagster_db_ready()
     home = prepare_dagster_home()
     fail_interrupted_runs(echo=say)
     root = project_root()

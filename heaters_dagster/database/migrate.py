@@ -22,3 +22,27 @@ def upgrade(url: str | None = None, revision: str = "head") -> None:
     from heaters_dagster.database.engine import database_url, normalise_url
 
     command.upgrade(alembic_config(normalise_url(url) if url else database_url()), revision)
+
+
+def ensure_dagster_storage(url: str | None = None) -> None:
+    """Create Dagster's instance tables in its database (``HEATERS_DAGSTER_DATABASE_URL``) when
+    they are missing.
+
+    dagster.yaml sets ``should_autocreate_tables: false``: with it on, every DagsterInstance
+    dagster-postgres builds (the code server builds one per sensor evaluation) inspects the
+    database's table list three times on fresh connections, which was about a third of an idle
+    ``heaters dev``'s CPU. The tables are created here instead, once, by the commands that bring
+    the database up (``heaters dev``, ``heaters db upgrade``, ...). Existing tables are left as
+    they are; ``dagster instance migrate`` upgrades them after a Dagster upgrade.
+    """
+    import os
+
+    from dagster_postgres import PostgresEventLogStorage, PostgresRunStorage, PostgresScheduleStorage
+
+    url = url or os.environ.get("HEATERS_DAGSTER_DATABASE_URL")
+    if not url:
+        return
+    # Each storage creates (and stamps) its tables when its main table is missing.
+    PostgresRunStorage(url, should_autocreate_tables=True)
+    PostgresEventLogStorage(url, should_autocreate_tables=True).dispose()
+    PostgresScheduleStorage(url, should_autocreate_tables=True)
