@@ -63,11 +63,22 @@ BASE_ENV = {"HEATERS_AUTO_APPROVE": "1", "HEATERS_CLIP_PRETRAINED": "none"}
 # at every daemon turn (5 s), scenes detected in ingest and clips cut by stream copy; plus a 2 s
 # batch window on the stage sensors while a stage has a run in flight. Both have this code's
 # embedding hold and one-pass keyframe reads (not settings).
+# A variant with this setting runs on dagster-postgres' stock instance storage (a new connection
+# per query, tables autocreated by every instance) instead of dagster.yaml's pooled storage
+# (heaters_dagster/dagster_storage.py): the same-run baseline for that change.
+STOCK_STORAGE = "HEATERS_BENCH_STOCK_STORAGE"
+# Seconds of an idle heaters dev (up, nothing submitted) whose machine-wide CPU use is measured
+# before each variant's submit.
+IDLE_SETTLE_S, IDLE_MEASURE_S = 10.0, 30.0
 VARIANTS: dict[str, dict[str, str]] = {
     "before": {"HEATERS_DEQUEUE_INTERVAL_S": "5", "HEATERS_INPROCESS_EXECUTOR": "0", "HEATERS_SENSOR_INTERVAL_S": "5",
                "HEATERS_STAGE_PARAMS": '{"ingest": {"detect_first": false}}'},
     "after": {"HEATERS_DEQUEUE_INTERVAL_S": "1", "HEATERS_BATCH_WAIT_S": "2", "HEATERS_INPROCESS_EXECUTOR": "1",
               "HEATERS_SENSOR_INTERVAL_S": "1"},
+}
+# Not run by default: "after" on the stock storage (`--variants stock_storage,after`).
+EXTRA_VARIANTS: dict[str, dict[str, str]] = {
+    "stock_storage": {**VARIANTS["after"], STOCK_STORAGE: "1"},
 }
 
 IN_FLIGHT_VIDEO = ("new", "downloading", "downloaded", "splicing")
@@ -172,9 +183,14 @@ def run_variant(name: str, env: dict[str, str], src: Path, work: Path, timeout_s
 
     home = work / f"home-{name}"
     shutil.rmtree(home, ignore_errors=True)
+    dev_env = {**BASE_ENV, **env}
+    if dev_env.pop(STOCK_STORAGE, None):
+        dev_env["DAGSTER_HOME"] = str(stock_dagster_home(home / "dagster_home_stock"))
     t_start = time.perf_counter()
-    with running_dev(home, {**BASE_ENV, **env}, free_port()) as proc:
+    with running_dev(home, dev_env, free_port()) as proc:
         ready_s = time.perf_counter() - t_start
+        time.sleep(IDLE_SETTLE_S)
+        idle_cores = busy_cores(IDLE_MEASURE_S)
         dev = Dev(home)
         store = ArtifactStore(str(home / "store"))
         t0 = time.time()
@@ -217,8 +233,33 @@ def run_variant(name: str, env: dict[str, str], src: Path, work: Path, timeout_s
                          engine=dev.dagster_engine)
         n_clips = sum(states.values())
     res = analyse(name, env, t0, t1, n_clips, items, runs, ready_s)
+    res["idle_cpu_cores"] = round(idle_cores, 3)
     res["timeline"] = timeline(t0, items, runs, events)
     return res
+
+
+def stock_dagster_home(home: Path) -> Path:
+    """A DAGSTER_HOME whose dagster.yaml is the repository's with dagster-postgres' stock storage."""
+    import yaml
+
+    cfg = yaml.safe_load((ROOT / "dagster.yaml").read_text())
+    for key in ("run_storage", "event_log_storage", "schedule_storage"):
+        cfg.pop(key, None)
+    cfg["storage"] = {"postgres": {"postgres_url": {"env": "HEATERS_DAGSTER_DATABASE_URL"}}}
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "dagster.yaml").write_text(yaml.safe_dump(cfg))
+    return home
+
+
+def busy_cores(seconds: float) -> float:
+    """Cores the whole machine kept busy over ``seconds`` (from /proc/stat)."""
+    def sample() -> tuple[int, int]:
+        v = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        return sum(v) - v[3] - v[4], sum(v)  # minus idle and iowait
+
+    (b0, t0), _ = sample(), time.sleep(seconds)
+    b1, t1 = sample()
+    return (b1 - b0) / max(1, t1 - t0) * (os.cpu_count() or 1)
 
 
 def timeline(t0: float, items: list[Any], runs: list[Any], events: list[Any]) -> list[dict[str, Any]]:
@@ -341,6 +382,11 @@ def summarize(doc: dict) -> list[dict]:
         figs.append(figure(f"orchestration overhead per clip{tag}", v["overhead_per_clip_s"], "s", target=0.3,
                            baseline=base["overhead_per_clip_s"] if v is not base else None,
                            baseline_name=base["variant"]))
+        if v.get("idle_cpu_cores") is not None:
+            figs.append(figure(f"idle heaters dev, CPU{tag}", v["idle_cpu_cores"], "cores",
+                               baseline=base.get("idle_cpu_cores") if v is not base else None,
+                               baseline_name=base["variant"],
+                               note=f"machine-wide, {IDLE_MEASURE_S:.0f} s after start, nothing submitted"))
     kf = doc.get("keyframe_cut")
     if kf:
         figs.append(figure("detect + keyframe-forced normalise + stream-copy cuts", kf["total_s"], "s",
@@ -354,10 +400,10 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true", help="20 s 640x360 source")
     ap.add_argument("--no-keyframe-cut", action="store_true", help="skip the keyframe-forced normalise measurement")
     ap.add_argument("--minutes", type=float, default=None, help="source length (default 10, smoke 1/3)")
-    ap.add_argument("--variants", default="", help=f"comma-separated subset of {', '.join(VARIANTS)}")
+    ap.add_argument("--variants", default="", help=f"comma-separated, from {', '.join({**VARIANTS, **EXTRA_VARIANTS})}")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
-    chosen = {k: VARIANTS[k] for k in args.variants.split(",") if k} or None
+    chosen = {k: {**VARIANTS, **EXTRA_VARIANTS}[k] for k in args.variants.split(",") if k} or None
     doc = run(args.smoke, args.out.parent, chosen, keyframe_cut=not args.no_keyframe_cut, minutes=args.minutes)
     write_json(args.out, doc)
     print(json.dumps(doc["figures"], indent=1))
