@@ -63,10 +63,11 @@ BASE_ENV = {"HEATERS_AUTO_APPROVE": "1", "HEATERS_CLIP_PRETRAINED": "none"}
 # at every daemon turn (5 s), scenes detected in ingest and clips cut by stream copy; plus a 2 s
 # batch window on the stage sensors while a stage has a run in flight. Both have this code's
 # embedding hold and one-pass keyframe reads (not settings).
-# A variant with this setting runs on dagster-postgres' stock instance storage (a new connection
-# per query, tables autocreated by every instance) instead of dagster.yaml's pooled storage
-# (heaters_dagster/dagster_storage.py): the same-run baseline for that change.
-STOCK_STORAGE = "HEATERS_BENCH_STOCK_STORAGE"
+# A variant with this key (a marker, not an environment variable) runs on dagster-postgres' stock
+# instance storage (a new connection per query, tables autocreated by every instance) instead of
+# dagster.yaml's pooled storage (heaters_dagster/dagster_storage.py): the same-run baseline for
+# that change.
+STOCK_STORAGE = "stock_storage"
 # Seconds of an idle heaters dev (up, nothing submitted) whose machine-wide CPU use is measured
 # before each variant's submit.
 IDLE_SETTLE_S, IDLE_MEASURE_S = 10.0, 30.0

@@ -17,6 +17,14 @@ own pooled engine from ``optimize_for_webserver``) is dagster-postgres' own.
 A pooled connection can outlive the server (``heaters dev`` restarts the embedded one): connections
 are checked with a ping on checkout and recycled after ``_RECYCLE_S``. A forked child does not
 reuse its parent's connections (``os.register_at_fork``).
+
+Table autocreation happens once per process and database, not once per instance: with
+``should_autocreate_tables`` on (the default), dagster-postgres lists the database's tables on
+three new connections in every DagsterInstance it builds, which was about a third of an idle
+``heaters dev``'s CPU. Here only the first storage of each kind a process builds for a URL checks
+and creates its tables; the later ones trust that. Any entry point (``heaters dev``, ``dagster
+dev``, a script's ``DagsterInstance.get()``) therefore works on a fresh database. A table dropped
+under a running process is not recreated until that process restarts.
 """
 
 from __future__ import annotations
@@ -40,6 +48,8 @@ _RECYCLE_S = 1800
 
 _lock = threading.Lock()
 _engines: dict[str, sa.engine.Engine] = {}
+# (storage class, database URL) pairs whose tables this process has already checked and created.
+_tables_checked: set[tuple[str, str]] = set()
 
 
 def shared_engine(url: str) -> sa.engine.Engine:
@@ -67,6 +77,17 @@ def _kwargs(inst_data: Any, config_value: Any) -> dict[str, Any]:
             "token_provider": get_token_provider_from_config(config_value)}
 
 
+def _autocreate_once(kind: str, postgres_url: str, should_autocreate_tables: bool) -> bool:
+    """Whether this storage should check and create its tables: only the first of its kind for
+    this URL in this process (and never when the configuration turns autocreation off)."""
+    if not should_autocreate_tables:
+        return False
+    with _lock:
+        first = (kind, postgres_url) not in _tables_checked
+        _tables_checked.add((kind, postgres_url))
+        return first
+
+
 def _share(storage: Any) -> None:
     # A token provider (cloud IAM auth) injects credentials per connection: keep its own engine.
     if storage._token_provider is None:
@@ -74,8 +95,15 @@ def _share(storage: Any) -> None:
 
 
 class PooledPostgresRunStorage(PostgresRunStorage):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, postgres_url: str, should_autocreate_tables: bool = True, inst_data: Any = None,
+                 token_provider: Any = None) -> None:
+        autocreate = _autocreate_once("run", postgres_url, should_autocreate_tables)
+        try:
+            super().__init__(postgres_url, autocreate, inst_data, token_provider)
+        except BaseException:
+            if autocreate:  # let the next instance try again
+                _tables_checked.discard(("run", postgres_url))
+            raise
         _share(self)
 
     @classmethod
@@ -84,8 +112,15 @@ class PooledPostgresRunStorage(PostgresRunStorage):
 
 
 class PooledPostgresEventLogStorage(PostgresEventLogStorage):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, postgres_url: str, should_autocreate_tables: bool = True, inst_data: Any = None,
+                 token_provider: Any = None) -> None:
+        autocreate = _autocreate_once("eventlog", postgres_url, should_autocreate_tables)
+        try:
+            super().__init__(postgres_url, autocreate, inst_data, token_provider)
+        except BaseException:
+            if autocreate:  # let the next instance try again
+                _tables_checked.discard(("eventlog", postgres_url))
+            raise
         _share(self)
 
     @classmethod
@@ -94,8 +129,15 @@ class PooledPostgresEventLogStorage(PostgresEventLogStorage):
 
 
 class PooledPostgresScheduleStorage(PostgresScheduleStorage):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, postgres_url: str, should_autocreate_tables: bool = True, inst_data: Any = None,
+                 token_provider: Any = None) -> None:
+        autocreate = _autocreate_once("schedule", postgres_url, should_autocreate_tables)
+        try:
+            super().__init__(postgres_url, autocreate, inst_data, token_provider)
+        except BaseException:
+            if autocreate:  # let the next instance try again
+                _tables_checked.discard(("schedule", postgres_url))
+            raise
         _share(self)
 
     @classmethod

@@ -1,6 +1,6 @@
-"""The Dagster instance storage dagster.yaml configures (heaters_dagster/dagster_storage.py): no
-table autocreation (``ensure_dagster_storage`` creates the tables once) and one pooled engine per
-process and database, whatever number of DagsterInstances the process builds."""
+"""The Dagster instance storage dagster.yaml configures (heaters_dagster/dagster_storage.py):
+Dagster's tables checked and created once per process, not once per instance, and one pooled
+engine per process and database, whatever number of DagsterInstances the process builds."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import dagster as dg
 import pytest
 from dagster_postgres import PostgresRunStorage
 from sqlalchemy import create_engine, event, make_url, text
+from sqlalchemy.pool import Pool
 
 from heaters_dagster.dagster_home import project_root
 from heaters_dagster.dagster_storage import (PooledPostgresEventLogStorage, PooledPostgresRunStorage,
@@ -55,22 +56,40 @@ def _home(tmp_path: Path) -> Path:
     return home
 
 
-def test_tables_are_created_once_by_ensure_dagster_storage_not_by_every_instance(fresh_dagster_db: str,
-                                                                                   tmp_path: Path) -> None:
+def test_the_first_instance_of_a_process_creates_the_tables_and_later_ones_do_not_look(
+        fresh_dagster_db: str, tmp_path: Path) -> None:
     home = _home(tmp_path)
-    with dg.DagsterInstance.from_config(str(home)) as instance:
-        assert isinstance(instance.run_storage, PooledPostgresRunStorage)
-        assert isinstance(instance.event_log_storage, PooledPostgresEventLogStorage)
-        assert isinstance(instance.schedule_storage, PooledPostgresScheduleStorage)
-    assert not {"runs", "event_logs", "instigators"} & _tables(fresh_dagster_db)  # not autocreated
+    connects: list[int] = []
+    count = lambda *_: connects.append(1)  # noqa: E731
+    event.listen(Pool, "connect", count)  # every connection any engine in this process opens
+    try:
+        # A fresh database and no `heaters dev` first (a script, `dagster dev`, a benchmark).
+        with dg.DagsterInstance.from_config(str(home)) as instance:
+            assert isinstance(instance.run_storage, PooledPostgresRunStorage)
+            assert isinstance(instance.event_log_storage, PooledPostgresEventLogStorage)
+            assert isinstance(instance.schedule_storage, PooledPostgresScheduleStorage)
+            instance.add_dynamic_partitions("clips", ["1", "2"])
+            assert instance.get_dynamic_partitions("clips") == ["1", "2"]
+            assert instance.get_runs() == []
+        assert {"runs", "event_logs", "jobs", "instigators", "dynamic_partitions",
+                "alembic_version"} <= _tables(fresh_dagster_db)
+        assert connects  # it did look
 
-    ensure_dagster_storage()  # reads HEATERS_DAGSTER_DATABASE_URL
-    assert {"runs", "event_logs", "jobs", "instigators", "alembic_version"} <= _tables(fresh_dagster_db)
-    ensure_dagster_storage()  # a second time leaves them as they are
+        connects.clear()
+        for _ in range(5):  # as the code server does: one instance per sensor evaluation
+            dg.DagsterInstance.from_config(str(home)).dispose()
+        assert connects == [], f"{len(connects)} connections to build 5 instances"
+
+        # dagster-postgres' own storage lists the tables on every instance it builds.
+        for _ in range(2):
+            PostgresRunStorage(fresh_dagster_db)
+        assert len(connects) >= 2
+    finally:
+        event.remove(Pool, "connect", count)
+
+    ensure_dagster_storage()  # reads HEATERS_DAGSTER_DATABASE_URL; existing tables stay as they are
     with dg.DagsterInstance.from_config(str(home)) as instance:
-        instance.add_dynamic_partitions("clips", ["1", "2"])
         assert instance.get_dynamic_partitions("clips") == ["1", "2"]
-        assert instance.get_runs() == []
 
 
 def test_every_instance_of_a_process_shares_one_pool(fresh_dagster_db: str, tmp_path: Path) -> None:

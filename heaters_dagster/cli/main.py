@@ -27,8 +27,8 @@ def _db_ready() -> None:
 
 
 def _dagster_db_ready() -> None:
-    """Create Dagster's own tables where missing: dagster.yaml does not autocreate them (see
-    ``ensure_dagster_storage``). For the commands that run Dagster (dev, demo, db upgrade)."""
+    """Create Dagster's own tables where missing (``ensure_dagster_storage``), before any Dagster
+    process starts. For the commands that run Dagster (dev, demo, db upgrade)."""
     from heaters_dagster.database.migrate import ensure_dagster_storage
 
     ensure_dagster_storage()

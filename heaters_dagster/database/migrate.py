@@ -28,12 +28,11 @@ def ensure_dagster_storage(url: str | None = None) -> None:
     """Create Dagster's instance tables in its database (``HEATERS_DAGSTER_DATABASE_URL``) when
     they are missing.
 
-    dagster.yaml sets ``should_autocreate_tables: false``: with it on, every DagsterInstance
-    dagster-postgres builds (the code server builds one per sensor evaluation) inspects the
-    database's table list three times on fresh connections, which was about a third of an idle
-    ``heaters dev``'s CPU. The tables are created here instead, once, by the commands that bring
-    the database up (``heaters dev``, ``heaters db upgrade``, ...). Existing tables are left as
-    they are; ``dagster instance migrate`` upgrades them after a Dagster upgrade.
+    The storages dagster.yaml configures create them too, once per process
+    (``heaters_dagster/dagster_storage.py``); the commands that bring the database up
+    (``heaters dev``, ``heaters db upgrade``, ``heaters demo``) create them here first, so a
+    database is complete before any Dagster process starts. Existing tables are left as they are;
+    ``dagster instance migrate`` upgrades them after a Dagster upgrade.
     """
     import os
 
