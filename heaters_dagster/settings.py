@@ -207,6 +207,11 @@ class Settings(BaseSettings):
         True, "run each stage job's one step inside the run worker (Dagster's `in_process_executor`) instead of "
         "a step subprocess of its own: one process launch and import less per run (0: the multiprocess "
         "executor)", "on")
+    range_reach: bool = _setting(
+        True, "stage sensors of stages that bridge (`max_gap`): a requested range reaches on over the following "
+        "items still upstream of the stage, so a run that waits in the queue takes, when it starts, those that "
+        "became ready meanwhile (approvals during a long sprite run) instead of leaving them to a run of their "
+        "own (0: ranges end at the last ready item)", "on")
     sensor_interval_s: Count = _setting(
         1, "stage sensors' `minimum_interval_seconds`: Dagster's sensor daemon turns every 5 s at most, and an "
         "interval of 5 is evaluated every other turn (ticks 10 s apart); 1 means every turn", "1")

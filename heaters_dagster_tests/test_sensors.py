@@ -7,6 +7,7 @@ import dataclasses
 
 import dagster as dg
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+from sqlalchemy import text
 
 from heaters_dagster.sensors.factory import build_stage_sensor, contiguous_chunks
 from heaters_dagster.stages import get_stage
@@ -149,6 +150,12 @@ def _batch_tick(instance, db, cursor, now, stage=SPRITE):
     for req in result.dynamic_partitions_requests or []:
         instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
     return result
+
+
+def _range_keys(req, instance, stage=SPRITE):
+    keys = instance.get_dynamic_partitions(stage.partitions_name)
+    a, *b = _partitions(req)
+    return keys[keys.index(a):keys.index(b[0] if b else a) + 1]
 
 
 def _requested_ids(result, instance, stage=SPRITE):
@@ -332,3 +339,44 @@ def test_embedding_waits_for_keyframes_still_in_flight_within_its_hold(db, insta
     r3 = _batch_tick(instance, db, r2.cursor, now=100.0, stage=emb)
     r4 = _batch_tick(instance, db, r3.cursor, now=100.0 + emb.hold_while_in_flight_s, stage=emb)
     assert not r3.run_requests and _requested_ids(r4, instance, emb) == [late]
+
+
+def test_a_range_reaches_over_clips_still_upstream_so_a_waiting_run_takes_them(db, instance, monkeypatch, defs):
+    """Two approved clips while a sprite run still works on the rest: the keyframes range reaches
+    on over the clips still upstream of keyframes (not over a skipped one, a clip another run
+    works on, or past max_gap), so when the run starts it claims every clip approved by then."""
+    monkeypatch.delenv("HEATERS_BATCH_WAIT_S", raising=False)
+    keyframes = get_stage("keyframes")
+    vid = make_video(db)
+    states = ["review_approved", "review_approved", "generating_sprite", "spliced", "pending_review",
+              "review_skipped", "pending_review"]
+    ids = [make_clips(db, vid, [(i * 24, i * 24 + 24)], state=st)[0] for i, st in enumerate(states)]
+    instance.add_dynamic_partitions("clips", [str(i) for i in ids[:6]])  # the last is not registered yet
+    r = _batch_tick(instance, db, None, now=0.0, stage=keyframes)
+    (req,) = r.run_requests
+    assert _partitions(req) == [str(ids[0]), str(ids[4])] and req.tags["heaters/items"] == "2"
+
+    monkeypatch.setenv("HEATERS_RANGE_REACH", "0")
+    (plain,) = _batch_tick(instance, db, None, now=0.0, stage=keyframes).run_requests
+    assert _partitions(plain) == [str(ids[0]), str(ids[1])]
+    monkeypatch.delenv("HEATERS_RANGE_REACH")
+    (short,) = _batch_tick(instance, db, None, now=0.0, stage=dataclasses.replace(keyframes, max_gap=2)).run_requests
+    assert _partitions(short) == [str(ids[0]), str(ids[3])]
+    def set_state(cid, st):  # a state no transition leads to from here: written directly
+        with db.session() as s:
+            s.execute(text("UPDATE clips SET state = :st WHERE id = :id"), {"st": st, "id": cid})
+
+    set_state(ids[3], "keyframing")  # another run is keyframing clip 3: no range reaches over its work
+    (walled,) = _batch_tick(instance, db, None, now=0.0, stage=keyframes).run_requests
+    assert _partitions(walled) == [str(ids[0]), str(ids[2])]
+    set_state(ids[3], "spliced")
+
+    # The run waits for the ffmpeg pool; meanwhile sprite finishes and the reviewer approves.
+    with db.session() as s:
+        transition(s, "clip", ids[3], "spliced", "generating_sprite")
+        for cid in ids[2:5]:
+            if cid != ids[4]:
+                transition(s, "clip", cid, "generating_sprite", "pending_review")
+            transition(s, "clip", cid, "pending_review", "review_approved")
+    work, others = defs.resources["executor"].stage_work(keyframes, [int(k) for k in _range_keys(req, instance)])
+    assert work == ids[:5] and others == []  # what the asset hands the executor to claim when the run starts

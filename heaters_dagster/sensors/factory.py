@@ -12,7 +12,10 @@ not the stage's work; the asset leaves those alone with one query (they show as 
 the UI). ``max_gap=0`` requests ranges of ready items only.
 
 While a run of the stage is still queued or starting, newly ready items wait for it to start (a
-run requested now would only queue behind it); a full batch goes at once.
+run requested now would only queue behind it); a full batch goes at once. A range of a bridging
+stage also *reaches* on over the items that follow it and are still upstream of the stage
+(``HEATERS_RANGE_REACH``): the run claims what is ready when it starts, so the clips a long sprite
+run approves while a keyframes run waits for the ffmpeg pool go in that run, not in one of their own.
 
 Nothing is requested twice: the cursor remembers ``id -> version`` for every item requested and
 not yet finished; an item is requested again only when its version changes (a deliberate
@@ -35,7 +38,7 @@ from sqlalchemy import literal_column, select
 from heaters_dagster.assets.factory import job_name
 from heaters_dagster.pipeline.items import MODELS
 from heaters_dagster.resources.database import DatabaseResource
-from heaters_dagster.stages import STAGES, Stage
+from heaters_dagster.stages import NODES_BY_NAME, STAGES, Stage
 
 SCAN_LIMIT = 5000
 MAX_RUNS_PER_TICK = 20
@@ -99,14 +102,18 @@ def contiguous_chunks(keys_in_order: Sequence[str], wanted: Sequence[str], max_l
 REQUESTED_BY_TAG = "heaters/requested_by"
 
 
-def run_request_for(stage: Stage, chunk: list[str], versions: dict[str, int]) -> dg.RunRequest:
-    if len(chunk) == 1:
+def run_request_for(stage: Stage, chunk: list[str], versions: dict[str, int],
+                    end: str | None = None) -> dg.RunRequest:
+    """The run for ``chunk`` (ready keys in partition order): one partition, or the range from its
+    first key to ``end`` (its last key unless the range reaches further: :func:`reach_ends`)."""
+    end = end or chunk[-1]
+    if len(chunk) == 1 and end == chunk[0]:
         return dg.RunRequest(run_key=stage.run_key(int(chunk[0]), versions[chunk[0]]), partition_key=chunk[0],
                              tags={"heaters/stage": stage.name, REQUESTED_BY_TAG: "sensor"})
     digest = hashlib.sha1(",".join(f"{k}:{versions[k]}" for k in chunk).encode()).hexdigest()[:12]
     return dg.RunRequest(
-        run_key=f"{stage.name}:{chunk[0]}-{chunk[-1]}:{digest}",
-        tags={ASSET_PARTITION_RANGE_START_TAG: chunk[0], ASSET_PARTITION_RANGE_END_TAG: chunk[-1],
+        run_key=f"{stage.name}:{chunk[0]}-{end}:{digest}",
+        tags={ASSET_PARTITION_RANGE_START_TAG: chunk[0], ASSET_PARTITION_RANGE_END_TAG: end,
               "heaters/stage": stage.name, "heaters/items": str(len(chunk)), REQUESTED_BY_TAG: "sensor"},
     )
 
@@ -130,6 +137,75 @@ def upstream_busy(database: DatabaseResource, stage: Stage) -> bool:
         return False
     with database.session() as session:
         return session.execute(select(model.id).where(model.state.in_(states)).limit(1)).first() is not None
+
+
+def upstream_states(stage: Stage) -> tuple[str, ...]:
+    """The states of the stage's entity from which an item can still become ready for the stage:
+    the states of every stage upstream of it in the graph (through the human review step), other
+    than the stage's own. For keyframes: ``spliced``, ``generating_sprite``, ``pending_review``."""
+    states: list[str] = []
+    seen: set[str] = set()
+    todo = list(stage.upstream)
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        node = NODES_BY_NAME[name]
+        if node.entity != stage.entity:
+            continue
+        if isinstance(node, Stage):
+            states += [*node.input_states, node.in_progress_state, node.output_state]
+        todo += node.upstream
+    own = {*stage.input_states, stage.in_progress_state}
+    return tuple(st for st in dict.fromkeys(states) if st not in own)
+
+
+def reach_ends(keys_in_order: Sequence[str], chunks: list[list[str]], reachable: set[str], max_gap: int,
+               barriers: Iterable[str] = ()) -> list[str]:
+    """Where each chunk's range ends: on past its last key over the following keys, up to the last
+    of them in ``reachable`` (items still upstream of the stage), within the chunk's ``max_gap``
+    budget of other keys, never over a barrier (another run's work) or into the next chunk."""
+    pos = {k: i for i, k in enumerate(keys_in_order)}
+    walls = {pos[b] for b in barriers if b in pos}
+    ends: list[str] = []
+    for n, chunk in enumerate(chunks):
+        first, last = pos[chunk[0]], pos[chunk[-1]]
+        budget = max_gap - ((last - first + 1) - len(chunk))
+        stop = pos[chunks[n + 1][0]] if n + 1 < len(chunks) else len(keys_in_order)
+        end = last
+        for j in range(last + 1, min(stop, last + 1 + max(budget, 0))):
+            if j in walls:
+                break
+            if keys_in_order[j] in reachable:
+                end = j
+        ends.append(keys_in_order[end])
+    return ends
+
+
+def reachable_keys(database: DatabaseResource, stage: Stage, keys_in_order: Sequence[str],
+                   chunks: list[list[str]]) -> set[str]:
+    """The keys within ``max_gap`` after each chunk whose items are still upstream of the stage
+    (one query over those keys only)."""
+    states = upstream_states(stage)
+    if not states or not chunks:
+        return set()
+    pos = {k: i for i, k in enumerate(keys_in_order)}
+    candidates = {int(k) for chunk in chunks
+                  for k in keys_in_order[pos[chunk[-1]] + 1:pos[chunk[-1]] + 1 + stage.max_gap]}
+    if not candidates:
+        return set()
+    model = MODELS[stage.entity]
+    with database.session() as session:
+        rows = session.execute(select(model.id).where(model.state.in_(states),
+                                                      model.id.in_(sorted(candidates)))).all()
+    return {str(r.id) for r in rows}
+
+
+def range_reach() -> bool:
+    from heaters_dagster.settings import get_settings
+
+    return get_settings().range_reach
 
 
 def partitions_per_run(stage: Stage) -> int:
@@ -199,7 +275,11 @@ def evaluate_stage_sensor(context: Any, stage: Stage, database: DatabaseResource
     busy = live - set(ready)  # requested and not started, or in flight: another run's work
     chunks = contiguous_chunks(order, list(ready), partitions_per_run(stage), stage.max_gap,
                                barriers=busy)[:MAX_RUNS_PER_TICK]
-    requests = [run_request_for(stage, chunk, ready) for chunk in chunks]
+    ends = [c[-1] for c in chunks]
+    if chunks and stage.max_gap > 0 and range_reach():
+        ends = reach_ends(order, chunks, reachable_keys(database, stage, order, chunks), stage.max_gap,
+                          barriers=busy)
+    requests = [run_request_for(stage, chunk, ready, end) for chunk, end in zip(chunks, ends)]
     for chunk in chunks:
         for k in chunk:
             cursor.requested[k] = ready[k]
