@@ -77,9 +77,13 @@ VARIANTS: dict[str, dict[str, str]] = {
     "after": {"HEATERS_DEQUEUE_INTERVAL_S": "1", "HEATERS_BATCH_WAIT_S": "2", "HEATERS_INPROCESS_EXECUTOR": "1",
               "HEATERS_SENSOR_INTERVAL_S": "1"},
 }
-# Not run by default: "after" on the stock storage (`--variants stock_storage,after`).
+# Not run by default: "after" on the stock storage (`--variants stock_storage,after`), and
+# "unchained": "after" without the two hand-off savings of 5 December, splice in ingest's step
+# (HEATERS_CHAIN_STAGES) and ranges that reach over clips still upstream (HEATERS_RANGE_REACH)
+# (`--variants unchained,after`).
 EXTRA_VARIANTS: dict[str, dict[str, str]] = {
     "stock_storage": {**VARIANTS["after"], STOCK_STORAGE: "1"},
+    "unchained": {**VARIANTS["after"], "HEATERS_CHAIN_STAGES": "0", "HEATERS_RANGE_REACH": "0"},
 }
 
 IN_FLIGHT_VIDEO = ("new", "downloading", "downloaded", "splicing")

@@ -48,13 +48,32 @@ STEP_RESOURCES: dict[str, dict[str, dict[str, str]]] = {
 }
 
 
+def _mib(quantity: str) -> float:
+    units = {"Ki": 1 / 1024, "Mi": 1, "Gi": 1024, "Ti": 1024 * 1024}
+    for unit, factor in units.items():
+        if quantity.endswith(unit):
+            return float(quantity[:-len(unit)]) * factor
+    return float(quantity) / (1024 * 1024)
+
+
+def step_resources() -> dict[str, dict[str, dict[str, str]]]:
+    """Requests and limits per step key. A step is a stage's op, whose key is the stage's name, or
+    the op of a stage and the stages that run after it (``Stage.runs_after``; splice in ingest's
+    step), keyed by the first, with the largest memory limit of them."""
+    from heaters_dagster.stages import stage_groups
+
+    return {group[0].name: max((STEP_RESOURCES[st.name] for st in group),
+                               key=lambda r: _mib(r["limits"]["memory"]))
+            for group in stage_groups()}
+
+
 def k8s_executor_config(settings: Settings | None = None) -> dict[str, Any]:
-    """The ``k8s_job_executor`` config: the settings' Secret on every step pod, and each stage's
-    step (its key is the stage name) with its own requests and limits."""
+    """The ``k8s_job_executor`` config: the settings' Secret on every step pod, and each step
+    (:func:`step_resources`) with its own requests and limits."""
     s = settings or get_settings()
     return {"env_secrets": [s.k8s_env_secret],
             "per_step_k8s_config": {name: {"container_config": {"resources": res}}
-                                    for name, res in STEP_RESOURCES.items()}}
+                                    for name, res in step_resources().items()}}
 
 
 def stage_executor_def(settings: Settings | None = None) -> Any:

@@ -212,6 +212,10 @@ class Settings(BaseSettings):
         "items still upstream of the stage, so a run that waits in the queue takes, when it starts, those that "
         "became ready meanwhile (approvals during a long sprite run) instead of leaving them to a run of their "
         "own (0: ranges end at the last ready item)", "on")
+    chain_stages: bool = _setting(
+        True, "a stage with `runs_after` in the stage table (splice after ingest) runs in the same step as that "
+        "stage, right after it, on the items it finished: one sensor tick and run launch less per video (0: "
+        "every stage in runs of its own)", "on")
     sensor_interval_s: Count = _setting(
         1, "stage sensors' `minimum_interval_seconds`: Dagster's sensor daemon turns every 5 s at most, and an "
         "interval of 5 is evaluated every other turn (ticks 10 s apart); 1 means every turn", "1")

@@ -55,6 +55,11 @@ class Stage:
     # ready items for up to this long (or until that ends, or a full batch is ready), so they share
     # the next run. The window is the longer of this and HEATERS_BATCH_WAIT_S.
     hold_while_in_flight_s: float = 0.0
+    # A stage whose work follows another stage's at once (same entity, that stage its only upstream):
+    # both are one Dagster op, and that stage's job runs this one right after it, in the same step,
+    # on the items it finished: no sensor tick and no run launch in between (HEATERS_CHAIN_STAGES).
+    # This stage's own job and sensor still take every item that reaches its input state otherwise.
+    runs_after: str | None = None
 
     @property
     def partitions_name(self) -> str:
@@ -154,6 +159,7 @@ STAGES: tuple[Stage, ...] = (
         io_manager_key="video_io_manager",
         max_partitions_per_run=4,
         upstream=("ingest",),
+        runs_after="ingest",
         registers_new_clips=True,
         checks=("clips_tile_video",),
         # detector: "hybrid" (stream pass + TransNetV2 on windows around doubtful frames) or
@@ -271,6 +277,24 @@ STAGES: tuple[Stage, ...] = (
 )
 
 STAGES_BY_NAME: dict[str, Stage] = {s.name: s for s in STAGES}
+
+
+def stage_groups(stages: tuple[Stage, ...] = STAGES) -> list[tuple[Stage, ...]]:
+    """The stages as Dagster ops: each stage with the stages that run after it (``runs_after``)."""
+    names = {s.name for s in stages}
+    for s in stages:
+        if s.runs_after is None or s.runs_after not in names:  # its head not in this table: a stage of its own
+            continue
+        head = next(h for h in stages if h.name == s.runs_after)
+        if head.runs_after or head.entity != s.entity or s.upstream != (head.name,):
+            raise ValueError(f"stage {s.name}: runs_after={s.runs_after!r} must name a stage of this table, of "
+                             f"the same entity, that is its only upstream and runs after no other")
+    return [(h, *(s for s in stages if s.runs_after == h.name)) for h in stages if h.runs_after is None
+            or h.runs_after not in names]
+
+
+def followers_of(stage: Stage, stages: tuple[Stage, ...] = STAGES) -> tuple[Stage, ...]:
+    return tuple(s for s in stages if s.runs_after == stage.name)
 HUMAN_STEPS: tuple[HumanStep, ...] = (REVIEW,)
 NODES_BY_NAME: dict[str, "Stage | HumanStep"] = {**STAGES_BY_NAME, **{h.name: h for h in HUMAN_STEPS}}
 

@@ -123,7 +123,9 @@ def test_step_executor_config_is_valid_for_k8s_job_executor(monkeypatch):
     cfg = k8s_executor_config(Settings())
     res = process_config(k8s_job_executor.config_schema.config_type, cfg)
     assert res.success, res.errors
-    assert set(cfg["per_step_k8s_config"]) == set(STAGES_BY_NAME)  # a stage's step key is its name
+    # a stage's step key is its name; splice runs in ingest's step (Stage.runs_after)
+    assert set(cfg["per_step_k8s_config"]) == set(STAGES_BY_NAME) - {"splice"}
+    assert cfg["per_step_k8s_config"]["ingest"]["container_config"]["resources"] == STEP_RESOURCES["splice"]
     monkeypatch.setenv("HEATERS_EXECUTOR", "k8s")
     from heaters_dagster.settings import get_settings
 

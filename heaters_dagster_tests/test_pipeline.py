@@ -35,7 +35,7 @@ def test_submission_to_pending_review(defs, db, store, instance, sample):
     assert sub.state == "new"
     runs = drive(defs, instance)
     assert all(r.success for r in runs), runs
-    assert {r.stage for r in runs} == {"ingest", "splice", "sprite"}
+    assert {r.stage for r in runs} == {"ingest", "sprite"}  # splice runs in ingest's step (Stage.runs_after)
 
     video = row_of(db, "video", sub.video_id)
     assert video.state == "spliced" and video.last_error is None

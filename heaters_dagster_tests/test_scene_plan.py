@@ -87,10 +87,12 @@ def test_ingest_detects_with_the_splice_parameters_it_will_be_cut_with(db, store
     ({"detect_first": False}, {}, None),
 ])
 def test_splice_detects_again_when_the_plan_does_not_apply(db, store, store_dir, defs, instance, numbered,
-                                                           ingest_params, splice_params, reason):
+                                                           ingest_params, splice_params, reason, monkeypatch):
     sub = submit(db, store, numbered.path, "unplanned")
+    monkeypatch.setenv("HEATERS_CHAIN_STAGES", "0")  # ingest alone: splice comes later, with other parameters
     ingest_defs = build_definitions(database_url=db.url, storage_url=str(store_dir),
                                     stage_params={"ingest": ingest_params})
+    monkeypatch.delenv("HEATERS_CHAIN_STAGES")
     assert all(r.success for r in drive(ingest_defs, instance, stop_at={"splice", "sprite"}))
     splice_defs = build_definitions(database_url=db.url, storage_url=str(store_dir),
                                     stage_params={"splice": splice_params})

@@ -24,7 +24,7 @@ from heaters_dagster.assets.graph import CLIPS, asset_deps, build_human_step_ass
 from heaters_dagster.checks import CheckEnv, get_check
 from heaters_dagster.pipeline.handlers import preview_metadata
 from heaters_dagster.pipeline.outputs import BatchReport, ItemOutput
-from heaters_dagster.stages import HUMAN_STEPS, STAGES, Stage, get_stage
+from heaters_dagster.stages import HUMAN_STEPS, STAGES, Stage, followers_of, get_stage, stage_groups
 
 warnings.filterwarnings("ignore", category=dg.BetaWarning)  # backfill_policy is beta in 1.13
 
@@ -165,81 +165,126 @@ def evaluate_checks(stage: Stage, executor: Any, ids: list[int], log: Any,
     return events
 
 
-def build_stage_asset(stage: Stage) -> dg.AssetsDefinition:
+def _stage_part(context: dg.AssetExecutionContext, stage: Stage, ids: list[int], explicit: bool,
+                ) -> Iterator[Any]:
+    """One stage's work over the run's partitions ``ids``: yields its materializations, then its
+    check evaluations (which target those materializations, so they must be stored first), and
+    returns its report and the error the step must raise for it (None when clean)."""
     key = dg.AssetKey(stage.asset_name)
+    executor = context.resources.executor
+    work = ids
+    if len(ids) > 1 and not explicit:  # a sensor's range of the shared partition set may bridge items
+        work, others = executor.stage_work(stage, ids)
+        if others:
+            context.log.info(f"[{stage.name}] {len(work)} of the range's {len(ids)} partitions are this "
+                             f"stage's work; {len(others)} {stage.entity}s in other states left alone")
+    report = executor.execute(
+        stage, work, getattr(context.resources, stage.io_manager_key), log=context.log,
+        attempt=context.retry_number, run_id=context.run_id, step_key=stage.name,
+        takeback_run_ids=_takeback_run_ids(context), explicit=explicit,
+    )
+    if stage.registers_new_clips and report.new_clip_ids:
+        context.instance.add_dynamic_partitions(CLIPS.name, [str(i) for i in report.new_clip_ids])
+    for item_id, out in report.succeeded.items():
+        yield dg.AssetMaterialization(
+            asset_key=key, partition=str(item_id),
+            metadata=item_metadata(stage, item_id, out, report.durations.get(item_id, 0.0)),
+        )
+    yield from evaluate_checks(stage, executor, ids, context.log, context.instance)
+    summary = report_summary(report)
+    clean = not (report.permanent or report.transient or report.held or report.lost or report.unfinished
+                 or report.refused)
+    (context.log.info if clean else context.log.warning)(summary)
+    try:
+        tags = report_tags(report)
+        if stage.runs_after:  # a follower's counts beside its head's, in the same run
+            tags = {k.replace("heaters/", f"heaters/{stage.name}/", 1): v for k, v in tags.items()}
+        context.instance.add_run_tags(context.run_id, tags)
+    except Exception as exc:  # noqa: BLE001 - tags are for people; never fail the work over them
+        context.log.warning(f"could not tag the run: {exc}")
+    error: Exception | None = None
+    if report.unfinished:
+        error = UnfinishedItemsError(summary)
+    elif report.transient:
+        error = TransientStageError(summary)
+    elif report.refused:
+        error = dg.Failure(description=summary, allow_retries=False, metadata={"refused": dg.MetadataValue.text(
+            "; ".join(f"{i}: {m}" for i, m in sorted(report.refused.items()))[:4000])})
+    elif report.permanent:
+        error = dg.Failure(description=summary, allow_retries=False,
+                           metadata={"failed_ids": dg.MetadataValue.text(
+                               ", ".join(str(i) for i in sorted(report.permanent)))})
+    return report, error
+
+
+def _not_done(report: BatchReport) -> set[int]:
+    """Items a stage did not finish in this attempt: the stages after it in the step leave them alone."""
+    return {*report.permanent, *report.transient, *report.refused, *report.unfinished, *report.lost, *report.held}
+
+
+def build_stage_asset(group: "Stage | tuple[Stage, ...]") -> dg.AssetsDefinition:
+    """One op for a stage, or for a stage and the stages that run after it (``Stage.runs_after``,
+    ``stages.stage_groups``): one asset per stage, each with its own checks and IO manager. A run
+    that selects several of them does them in order in one step, each later one on the partitions
+    the ones before did not fail; a run that selects one (its own job, the UI) does only that one."""
+    group = (group,) if isinstance(group, Stage) else tuple(group)
+    head = group[0]
+    keys = {s.name: dg.AssetKey(s.asset_name) for s in group}
+    external = [d for s in group for d in asset_deps(s) if d.asset_key not in keys.values()]
+    outs = {s.asset_name: dg.AssetOut(
+        key=keys[s.name], description=s.description, io_manager_key=s.io_manager_key, is_required=False,
+        group_name="pipeline", kinds=set(s.kinds),
+        metadata={"entity": s.entity, "input_states": ", ".join(s.input_states),
+                  "in_progress_state": s.in_progress_state, "output_state": s.output_state,
+                  "failure_state": s.failure_state, "upstream": ", ".join(s.upstream) or "none",
+                  **({"runs_after": s.runs_after} if s.runs_after else {})},
+    ) for s in group}
 
     @dg.multi_asset(
-        name=stage.asset_name,
-        outs={stage.asset_name: dg.AssetOut(
-            key=key, description=stage.description, io_manager_key=stage.io_manager_key, is_required=False,
-            group_name="pipeline", kinds=set(stage.kinds),
-            metadata={"entity": stage.entity, "input_states": ", ".join(stage.input_states),
-                      "in_progress_state": stage.in_progress_state, "output_state": stage.output_state,
-                      "failure_state": stage.failure_state,
-                      "upstream": ", ".join(stage.upstream) or "none"},
-        )},
-        deps=asset_deps(stage),
-        partitions_def=partitions_def_for(stage),
-        check_specs=check_specs_for(stage),
-        can_subset=True,  # its checks can run without the stage's work
-        required_resource_keys={"executor", stage.io_manager_key},
-        retry_policy=dg.RetryPolicy(max_retries=stage.max_retries, delay=stage.retry_delay_s,
+        name=head.asset_name,
+        outs=outs,
+        deps=external,
+        internal_asset_deps={s.asset_name: {dg.AssetKey(u) for u in s.upstream} for s in group}
+        if len(group) > 1 else None,
+        partitions_def=partitions_def_for(head),
+        check_specs=[spec for s in group for spec in check_specs_for(s)],
+        can_subset=True,  # its checks can run without the stage's work, a group's stages one by one
+        required_resource_keys={"executor", *(s.io_manager_key for s in group)},
+        retry_policy=dg.RetryPolicy(max_retries=max(s.max_retries for s in group), delay=head.retry_delay_s,
                                     backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS),
-        backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=stage.max_partitions_per_run),
-        pool=FFMPEG_POOL if "ffmpeg" in stage.kinds else None,
+        backfill_policy=dg.BackfillPolicy.multi_run(
+            max_partitions_per_run=min(s.max_partitions_per_run for s in group)),
+        pool=FFMPEG_POOL if any("ffmpeg" in s.kinds for s in group) else None,
     )
     def _stage_asset(context: dg.AssetExecutionContext) -> Iterator[Any]:
         ids = [int(k) for k in context.partition_keys]
         executor = context.resources.executor
-        if key not in context.selected_asset_keys:  # only the checks were selected
-            yield from evaluate_checks(stage, executor, ids, context.log, context.instance)
-            return
-        # A run no stage sensor requested was launched by a person: it means what it says.
-        explicit = context.run.tags.get("heaters/requested_by") != "sensor"
-        work = ids
-        if len(ids) > 1 and not explicit:  # a sensor's range of the shared partition set may bridge items
-            work, others = executor.stage_work(stage, ids)
-            if others:
-                context.log.info(f"[{stage.name}] {len(work)} of the range's {len(ids)} partitions are this "
-                                 f"stage's work; {len(others)} {stage.entity}s in other states left alone")
-        report = executor.execute(
-            stage, work, getattr(context.resources, stage.io_manager_key), log=context.log,
-            attempt=context.retry_number, run_id=context.run_id, step_key=context.op_execution_context.op_handle.name,
-            takeback_run_ids=_takeback_run_ids(context), explicit=explicit,
-        )
-        if stage.registers_new_clips and report.new_clip_ids:
-            context.instance.add_dynamic_partitions(CLIPS.name, [str(i) for i in report.new_clip_ids])
-        for item_id, out in report.succeeded.items():
-            yield dg.AssetMaterialization(
-                asset_key=key, partition=str(item_id),
-                metadata=item_metadata(stage, item_id, out, report.durations.get(item_id, 0.0)),
-            )
-        yield from evaluate_checks(stage, executor, ids, context.log, context.instance)
-        summary = report_summary(report)
-        clean = not (report.permanent or report.transient or report.held or report.lost or report.unfinished
-                     or report.refused)
-        (context.log.info if clean else context.log.warning)(summary)
-        try:
-            context.instance.add_run_tags(context.run_id, report_tags(report))
-        except Exception as exc:  # noqa: BLE001 - tags are for people; never fail the work over them
-            context.log.warning(f"could not tag the run: {exc}")
-        if report.unfinished:
-            raise UnfinishedItemsError(summary)
-        if report.transient:
-            raise TransientStageError(summary)
-        if report.refused:
-            raise dg.Failure(description=summary, allow_retries=False, metadata={"refused": dg.MetadataValue.text(
-                "; ".join(f"{i}: {m}" for i, m in sorted(report.refused.items()))[:4000])})
-        if report.permanent:
-            raise dg.Failure(description=summary, allow_retries=False,
-                             metadata={"failed_ids": dg.MetadataValue.text(
-                                 ", ".join(str(i) for i in sorted(report.permanent)))})
+        # A run no stage sensor requested was launched by a person: it means what it says. Its
+        # retries (RetryPolicy) only finish what the first attempt left, so the items that attempt
+        # already took past a stage are not refused then.
+        explicit = context.run.tags.get("heaters/requested_by") != "sensor" and context.retry_number == 0
+        selected_checks = {k.name for k in context.selected_asset_check_keys}
+        error: Exception | None = None
+        skip: set[int] = set()
+        for stage in group:
+            if keys[stage.name] not in context.selected_asset_keys:
+                if selected_checks & set(stage.checks):  # only the checks were selected
+                    yield from evaluate_checks(stage, executor, ids, context.log, context.instance)
+                continue
+            todo = [i for i in ids if i not in skip]
+            if not todo:
+                continue
+            report, err = yield from _stage_part(context, stage, todo, explicit)
+            skip |= _not_done(report)
+            error = error or err
+        if error is not None:
+            raise error
 
     return _stage_asset
 
 
 def build_stage_assets(stages: tuple[Stage, ...] = STAGES) -> list[dg.AssetsDefinition]:
-    return [build_stage_asset(s) for s in stages]
+    return [build_stage_asset(g) for g in stage_groups(stages)]
 
 
 def build_graph_assets(stages: tuple[Stage, ...] = STAGES) -> list["dg.AssetsDefinition | dg.AssetSpec"]:
@@ -251,21 +296,31 @@ def job_name(stage: Stage) -> str:
     return f"{stage.name}_job"
 
 
-def build_stage_job(stage: Stage) -> "dg.JobDefinition | object":
+def chained(stage: Stage, stages: tuple[Stage, ...] = STAGES) -> tuple[Stage, ...]:
+    """The stages the stage's job runs after it in the same step (``Stage.runs_after``), with
+    HEATERS_CHAIN_STAGES on."""
+    from heaters_dagster.settings import get_settings
+
+    return followers_of(stage, stages) if get_settings().chain_stages else ()
+
+
+def build_stage_job(stage: Stage, stages: tuple[Stage, ...] = STAGES) -> "dg.JobDefinition | object":
     """One job per stage (what its sensor launches and what the UI shows per stage). A stage job
-    has one step (the stage's asset with its checks). Where the step runs is configuration
-    (``heaters_dagster.scaleout``): this host's step subprocesses by default, Celery workers or
-    Kubernetes pods with HEATERS_EXECUTOR; on this host, HEATERS_INPROCESS_EXECUTOR runs it inside
-    the run worker (Dagster's ``in_process_executor``) instead of in a step subprocess."""
+    has one step: the stage's asset with its checks, and the assets of the stages that run after it
+    (``chained``). Where the step runs is configuration (``heaters_dagster.scaleout``): this
+    host's step subprocesses by default, Celery workers or Kubernetes pods with HEATERS_EXECUTOR;
+    on this host, HEATERS_INPROCESS_EXECUTOR runs it inside the run worker (Dagster's
+    ``in_process_executor``) instead of in a step subprocess."""
     from heaters_dagster.scaleout import stage_executor_def
     from heaters_dagster.settings import get_settings
 
     executor = stage_executor_def()
     if executor is None and get_settings().inprocess_executor:
         executor = dg.in_process_executor
-    return dg.define_asset_job(job_name(stage), selection=[stage.asset_name], partitions_def=partitions_def_for(stage),
+    selection = [stage.asset_name, *(s.asset_name for s in chained(stage, stages))]
+    return dg.define_asset_job(job_name(stage), selection=selection, partitions_def=partitions_def_for(stage),
                                tags={"heaters/stage": stage.name}, executor_def=executor)
 
 
 def build_stage_jobs(stages: tuple[Stage, ...] = STAGES) -> list:
-    return [build_stage_job(s) for s in stages]
+    return [build_stage_job(s, stages) for s in stages]

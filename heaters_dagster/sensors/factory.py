@@ -202,6 +202,14 @@ def reachable_keys(database: DatabaseResource, stage: Stage, keys_in_order: Sequ
     return {str(r.id) for r in rows}
 
 
+def chained_head(stage: Stage) -> "Stage | None":
+    """The stage whose job also runs ``stage`` in its step (``Stage.runs_after``), if chained."""
+    from heaters_dagster.assets.factory import chained
+
+    head = next((s for s in STAGES if s.name == stage.runs_after), None) if stage.runs_after else None
+    return head if head is not None and stage in chained(head) else None
+
+
 def range_reach() -> bool:
     from heaters_dagster.settings import get_settings
 
@@ -232,6 +240,12 @@ def evaluate_stage_sensor(context: Any, stage: Stage, database: DatabaseResource
              if r.state in stage.input_states and r.is_ready and cursor.requested.get(str(r.id)) != r.version}
     # Forget items that finished or failed; keep those still ready or in flight.
     live = {str(r.id) for r in rows}
+    if ready and (head := chained_head(stage)) is not None:
+        # The stage runs in its head stage's step too (Stage.runs_after): what an unfinished run of
+        # the head's job covers is that run's work (it does them right after the head).
+        from heaters_dagster.sensors.recovery import covered_by_unfinished_runs
+
+        ready = {k: v for k, v in ready.items() if k not in covered_by_unfinished_runs(context.instance, head)}
     cursor.requested = {k: v for k, v in cursor.requested.items() if k in live}
 
     # Batching: while this stage has work in flight (a run requested or running), collect newly

@@ -108,12 +108,18 @@ def unclaimed_items_of(instance: dg.DagsterInstance, run: dg.DagsterRun) -> tupl
     mine = set(run_partition_keys(fresh, order))
     if not mine:
         return stage, []
-    others = instance.get_runs(filters=dg.RunsFilter(job_name=job_name(stage),
-                                                     statuses=list(NOT_FINISHED_STATUSES)))
-    for other in others:
-        if other.run_id != run.run_id:
-            mine -= set(run_partition_keys(other, order))
+    mine -= covered_by_unfinished_runs(instance, stage, order, but=run.run_id)
     return stage, sorted(int(k) for k in mine if k.isdigit())
+
+
+def covered_by_unfinished_runs(instance: dg.DagsterInstance, stage: Stage,
+                               keys_in_order: Callable[[], Sequence[str]] | None = None,
+                               but: str | None = None) -> set[str]:
+    """The partitions that queued, starting or running runs of the stage's job cover (other than
+    run ``but``)."""
+    order = keys_in_order or functools.cache(lambda: instance.get_dynamic_partitions(stage.partitions_name))
+    runs = instance.get_runs(filters=dg.RunsFilter(job_name=job_name(stage), statuses=list(NOT_FINISHED_STATUSES)))
+    return {k for run in runs if run.run_id != but for k in run_partition_keys(run, order)}
 
 
 def release_run_items(database: DatabaseResource, run: dg.DagsterRun, reason: str, log: object,
