@@ -48,22 +48,16 @@ STEP_RESOURCES: dict[str, dict[str, dict[str, str]]] = {
 }
 
 
-def _mib(quantity: str) -> float:
-    units = {"Ki": 1 / 1024, "Mi": 1, "Gi": 1024, "Ti": 1024 * 1024}
-    for unit, factor in units.items():
-        if quantity.endswith(unit):
-            return float(quantity[:-len(unit)]) * factor
-    return float(quantity) / (1024 * 1024)
-
-
 def step_resources() -> dict[str, dict[str, dict[str, str]]]:
     """Requests and limits per step key. A step is a stage's op, whose key is the stage's name, or
     the op of a stage and the stages that run after it (``Stage.runs_after``; splice in ingest's
     step), keyed by the first, with the largest memory limit of them."""
+    from kubernetes.utils import parse_quantity  # with dagster-k8s, which this config is for
+
     from heaters_dagster.stages import stage_groups
 
     return {group[0].name: max((STEP_RESOURCES[st.name] for st in group),
-                               key=lambda r: _mib(r["limits"]["memory"]))
+                               key=lambda r: parse_quantity(r["limits"]["memory"]))
             for group in stage_groups()}
 
 

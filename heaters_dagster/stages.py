@@ -281,11 +281,12 @@ STAGES_BY_NAME: dict[str, Stage] = {s.name: s for s in STAGES}
 
 def stage_groups(stages: tuple[Stage, ...] = STAGES) -> list[tuple[Stage, ...]]:
     """The stages as Dagster ops: each stage with the stages that run after it (``runs_after``)."""
-    names = {s.name for s in stages}
+    by_name = {s.name: s for s in stages}
+    names = by_name.keys()
     for s in stages:
         if s.runs_after is None or s.runs_after not in names:  # its head not in this table: a stage of its own
             continue
-        head = next(h for h in stages if h.name == s.runs_after)
+        head = by_name[s.runs_after]
         if head.runs_after or head.entity != s.entity or s.upstream != (head.name,):
             raise ValueError(f"stage {s.name}: runs_after={s.runs_after!r} must name a stage of this table, of "
                              f"the same entity, that is its only upstream and runs after no other")
@@ -295,6 +296,8 @@ def stage_groups(stages: tuple[Stage, ...] = STAGES) -> list[tuple[Stage, ...]]:
 
 def followers_of(stage: Stage, stages: tuple[Stage, ...] = STAGES) -> tuple[Stage, ...]:
     return tuple(s for s in stages if s.runs_after == stage.name)
+
+
 HUMAN_STEPS: tuple[HumanStep, ...] = (REVIEW,)
 NODES_BY_NAME: dict[str, "Stage | HumanStep"] = {**STAGES_BY_NAME, **{h.name: h for h in HUMAN_STEPS}}
 

@@ -73,3 +73,38 @@ def test_a_sensor_run_never_rewinds(defs, db, instance):
         s.execute(text("UPDATE clips SET state = 'pending_review' WHERE id = :i"), {"i": reviewed})
     assert _run(defs, instance, [reviewed, ready], sensor=True).success
     assert CALLS == [ready] and row_of(db, "clip", reviewed).version == 0
+
+
+FLAKY: dict[int, int] = {}  # clip id -> transient failures still to raise
+
+
+def flaky_handler(ctx, item):
+    if FLAKY.get(item.id, 0) > 0:
+        FLAKY[item.id] -= 1
+        from heaters_dagster.errors import TransientError
+
+        raise TransientError("store briefly unavailable")
+    return handler(ctx, item)
+
+
+FLAKY_STAGE = dataclasses.replace(STAGE, name="sprite_rerun_retry_test", retry_delay_s=0.01,
+                                  handler="heaters_dagster_tests.test_reruns:flaky_handler")
+
+
+def test_a_persons_run_retried_finishes_what_its_first_attempt_left_and_redoes_nothing(defs, db, instance):
+    """The step retry of a run a person launched only finishes the items its first attempt left:
+    the item that attempt already re-rendered is not re-rendered again."""
+    CALLS.clear()
+    vid = make_video(db)
+    done_first, flaky = make_clips(db, vid, [(0, 24), (24, 48)], state="pending_review")
+    FLAKY.clear()
+    FLAKY[flaky] = 1
+    keys = [str(done_first), str(flaky)]
+    instance.add_dynamic_partitions(FLAKY_STAGE.partitions_name, keys)
+    result = dg.materialize([build_stage_asset(FLAKY_STAGE)], instance=instance, resources=defs.resources,
+                            tags={"dagster/asset_partition_range_start": keys[0],
+                                  "dagster/asset_partition_range_end": keys[-1]}, raise_on_error=False)
+    assert result.success
+    assert CALLS == [done_first, flaky]  # each rendered once: the retry took only the one left
+    for cid in (done_first, flaky):
+        assert row_of(db, "clip", cid).state == "pending_review"

@@ -192,8 +192,7 @@ def _stage_part(context: dg.AssetExecutionContext, stage: Stage, ids: list[int],
         )
     yield from evaluate_checks(stage, executor, ids, context.log, context.instance)
     summary = report_summary(report)
-    clean = not (report.permanent or report.transient or report.held or report.lost or report.unfinished
-                 or report.refused)
+    clean = not _not_done(report)
     (context.log.info if clean else context.log.warning)(summary)
     try:
         tags = report_tags(report)

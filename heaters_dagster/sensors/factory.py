@@ -38,7 +38,7 @@ from sqlalchemy import literal_column, select
 from heaters_dagster.assets.factory import job_name
 from heaters_dagster.pipeline.items import MODELS
 from heaters_dagster.resources.database import DatabaseResource
-from heaters_dagster.stages import NODES_BY_NAME, STAGES, Stage
+from heaters_dagster.stages import NODES_BY_NAME, STAGES, STAGES_BY_NAME, Stage
 
 SCAN_LIMIT = 5000
 MAX_RUNS_PER_TICK = 20
@@ -206,7 +206,7 @@ def chained_head(stage: Stage) -> "Stage | None":
     """The stage whose job also runs ``stage`` in its step (``Stage.runs_after``), if chained."""
     from heaters_dagster.assets.factory import chained
 
-    head = next((s for s in STAGES if s.name == stage.runs_after), None) if stage.runs_after else None
+    head = STAGES_BY_NAME.get(stage.runs_after) if stage.runs_after else None
     return head if head is not None and stage in chained(head) else None
 
 
@@ -245,7 +245,8 @@ def evaluate_stage_sensor(context: Any, stage: Stage, database: DatabaseResource
         # the head's job covers is that run's work (it does them right after the head).
         from heaters_dagster.sensors.recovery import covered_by_unfinished_runs
 
-        ready = {k: v for k, v in ready.items() if k not in covered_by_unfinished_runs(context.instance, head)}
+        covered = covered_by_unfinished_runs(context.instance, head)
+        ready = {k: v for k, v in ready.items() if k not in covered}
     cursor.requested = {k: v for k, v in cursor.requested.items() if k in live}
 
     # Batching: while this stage has work in flight (a run requested or running), collect newly
