@@ -80,10 +80,13 @@ VARIANTS: dict[str, dict[str, str]] = {
 # Not run by default: "after" on the stock storage (`--variants stock_storage,after`), and
 # "unchained": "after" without the two hand-off savings of 5 December, splice in ingest's step
 # (HEATERS_CHAIN_STAGES) and ranges that reach over clips still upstream (HEATERS_RANGE_REACH)
-# (`--variants unchained,after`).
+# (`--variants unchained,after`), and "unstreamed": "after" with each step's materializations and
+# check evaluations written when its work ends, not as its items commit (HEATERS_STREAM_EVENTS)
+# (`--variants unstreamed,after`).
 EXTRA_VARIANTS: dict[str, dict[str, str]] = {
     "stock_storage": {**VARIANTS["after"], STOCK_STORAGE: "1"},
     "unchained": {**VARIANTS["after"], "HEATERS_CHAIN_STAGES": "0", "HEATERS_RANGE_REACH": "0"},
+    "unstreamed": {**VARIANTS["after"], "HEATERS_STREAM_EVENTS": "0"},
 }
 
 IN_FLIGHT_VIDEO = ("new", "downloading", "downloaded", "splicing")

@@ -216,6 +216,10 @@ class Settings(BaseSettings):
         True, "a stage with `runs_after` in the stage table (splice after ingest) runs in the same step as that "
         "stage, right after it, on the items it finished: one sensor tick and run launch less per video (0: "
         "every stage in runs of its own)", "on")
+    stream_events: bool = _setting(
+        True, "a stage step records each item's materialization as the item commits, and its checks every few "
+        "items, while the other items still run, instead of all of them when the step's work ends (the pool "
+        "slot and the next run wait for those writes: about 10 ms an event) (0: at the end)", "on")
     sensor_interval_s: Count = _setting(
         1, "stage sensors' `minimum_interval_seconds`: Dagster's sensor daemon turns every 5 s at most, and an "
         "interval of 5 is evaluated every other turn (ticks 10 s apart); 1 means every turn", "1")

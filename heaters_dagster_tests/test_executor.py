@@ -4,6 +4,7 @@ whose handler is controlled per clip: success, permanent and transient errors, r
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -34,6 +35,8 @@ def handler(ctx, item):
         raise KeyboardInterrupt()
     if outcome == "bug":
         raise ZeroDivisionError("division by zero")
+    if outcome == "slow":
+        time.sleep(1.0)
     path = Path(ctx.workdir) / "sprite.jpg"
     path.write_bytes(b"\xff\xd8fake-jpeg-%d" % item.id)
     return ItemOutput(item_id=item.id, artifacts=[ArtifactOut("sprite", FileToStore(f"clips/{item.id}/sprite.jpg", path),
@@ -178,3 +181,94 @@ def test_interrupted_run_hands_unfinished_items_back(defs, db, instance):
     for cid in ids[1:]:  # interrupted and never started: back to ready, with a new version for the sensor
         row = row_of(db, "clip", cid)
         assert (row.state, row.version) == ("spliced", 1) and row.last_error.startswith("interrupted")
+
+
+# -- events recorded as items commit (HEATERS_STREAM_EVENTS) ------------------------------------------------
+SEEN: dict[int, tuple[set[str], set[str]]] = {}  # clip id -> (materialized, checked) partitions when it started
+WATCH: dict[str, dg.DagsterInstance] = {}
+
+
+def watching_handler(ctx, item):
+    """The test stage's handler, noting which partitions already have a materialization and a check
+    evaluation in the Dagster instance when each item starts."""
+    inst = WATCH["instance"]
+    mats = {r.partition_key for r in inst.fetch_materializations(dg.AssetKey(TEST_STAGE.asset_name), limit=100).records}
+    SEEN[item.id] = (mats, _checked(inst))
+    return handler(ctx, item)
+
+
+def _checked(inst) -> set[str]:
+    key = dg.AssetCheckKey(dg.AssetKey(TEST_STAGE.asset_name), TEST_STAGE.checks[0])
+    return set(_evaluated(inst, key))
+
+
+def _evaluated(inst, key) -> list[str]:
+    """The partitions of the check's evaluations (not of the runs that planned one)."""
+    return [r.event.dagster_event.event_specific_data.partition
+            for r in inst.event_log_storage.get_asset_check_execution_history(key, limit=200)
+            if r.event.dagster_event.event_type_value == "ASSET_CHECK_EVALUATION"]
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_step_records_each_item_as_it_commits_while_the_later_ones_still_run(defs, db, instance, monkeypatch,
+                                                                               stream):
+    from heaters_dagster.assets import factory
+    from heaters_dagster.resources.executor import StageExecutor
+
+    monkeypatch.setenv("HEATERS_STREAM_EVENTS", "1" if stream else "0")
+    stage = dataclasses.replace(TEST_STAGE, handler="heaters_dagster_tests.test_executor:watching_handler")
+    WATCH["instance"] = instance
+    SEEN.clear()
+    vid = make_video(db)
+    ids = make_clips(db, vid, [(i * 24, (i + 1) * 24) for i in range(factory.STREAM_CHECKS_EVERY + 2)])
+    keys = [str(i) for i in ids]
+    instance.add_dynamic_partitions(stage.partitions_name, keys)
+    serial = StageExecutor(database=defs.resources["database"], storage=defs.resources["storage"], max_parallel=1)
+    result = dg.materialize([build_stage_asset(stage)], instance=instance,
+                            resources={**defs.resources, "executor": serial},
+                            tags={"dagster/asset_partition_range_start": keys[0],
+                                  "dagster/asset_partition_range_end": keys[-1],
+                                  "heaters/requested_by": "sensor"}, raise_on_error=False)
+    assert result.success
+    last_mats, last_checked = SEEN[ids[-1]]
+    if stream:  # the items before the last one were recorded before it started; checks in groups
+        assert last_mats == set(keys[:-1])
+        assert last_checked == set(keys[:factory.STREAM_CHECKS_EVERY])
+    else:  # all at the end
+        assert last_mats == set() and last_checked == set()
+    # Either way each item has one materialization and one check evaluation in the end.
+    recs = instance.fetch_materializations(dg.AssetKey(stage.asset_name), limit=100).records
+    assert sorted(r.partition_key for r in recs) == sorted(keys)
+    key = dg.AssetCheckKey(dg.AssetKey(stage.asset_name), stage.checks[0])
+    assert Counter(_evaluated(instance, key)) == Counter(keys)
+    assert all(row_of(db, "clip", i).state == "pending_review" for i in ids)
+
+
+@pytest.mark.parametrize("max_parallel", [1, 2])
+def test_an_interruption_raised_into_the_executor_at_a_yield_hands_the_unfinished_items_back(defs, db,
+                                                                                             max_parallel):
+    """What the asset does when it is interrupted while it writes an event: it raises the interruption
+    into the executor's generator, which hands back what it had not finished."""
+    import logging
+
+    from heaters_dagster.resources.executor import StageExecutor
+
+    vid = make_video(db)
+    ids = make_clips(db, vid, [(i * 24, (i + 1) * 24) for i in range(5)])
+    for i in ids[1:]:  # the first commits at once, the others take a while: still running or queued
+        BEHAVIOUR[i] = ["slow"]
+    executor = StageExecutor(database=defs.resources["database"], storage=defs.resources["storage"],
+                             max_parallel=max_parallel)
+    work = executor.execute_iter(TEST_STAGE, ids, defs.resources["artifact_io_manager"], log=logging.getLogger("t"))
+    first = next(work)
+    assert set(first.outputs) == {ids[0]}
+    with pytest.raises(KeyboardInterrupt):
+        work.throw(KeyboardInterrupt())
+    states = {i: row_of(db, "clip", i).state for i in ids}
+    assert all(states[i] == "pending_review" for i in first.outputs)
+    assert set(states.values()) <= {"pending_review", "spliced"}, states  # none left in progress
+    back = [i for i in ids if states[i] == "spliced"]
+    # Those not started were not started after the interruption (the pool's queue is dropped).
+    assert back and set(back) >= set(ids[1 + max_parallel:]), states
+    assert all(row_of(db, "clip", i).last_error.startswith("interrupted") for i in back)
+    assert all(CALLS[i] == 0 for i in ids[1 + max_parallel:])

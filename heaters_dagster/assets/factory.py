@@ -24,6 +24,8 @@ from heaters_dagster.assets.graph import CLIPS, asset_deps, build_human_step_ass
 from heaters_dagster.checks import CheckEnv, get_check
 from heaters_dagster.pipeline.handlers import preview_metadata
 from heaters_dagster.pipeline.outputs import BatchReport, ItemOutput
+from heaters_dagster.resources.executor import Committed
+from heaters_dagster.settings import get_settings
 from heaters_dagster.stages import HUMAN_STEPS, STAGES, Stage, followers_of, get_stage, stage_groups
 
 warnings.filterwarnings("ignore", category=dg.BetaWarning)  # backfill_policy is beta in 1.13
@@ -178,19 +180,37 @@ def _stage_part(context: dg.AssetExecutionContext, stage: Stage, ids: list[int],
         if others:
             context.log.info(f"[{stage.name}] {len(work)} of the range's {len(ids)} partitions are this "
                              f"stage's work; {len(others)} {stage.entity}s in other states left alone")
-    report = executor.execute(
+    progress = executor.execute_iter(
         stage, work, getattr(context.resources, stage.io_manager_key), log=context.log,
         attempt=context.retry_number, run_id=context.run_id, step_key=stage.name,
         takeback_run_ids=_takeback_run_ids(context), explicit=explicit,
     )
-    if stage.registers_new_clips and report.new_clip_ids:
-        context.instance.add_dynamic_partitions(CLIPS.name, [str(i) for i in report.new_clip_ids])
-    for item_id, out in report.succeeded.items():
-        yield dg.AssetMaterialization(
-            asset_key=key, partition=str(item_id),
-            metadata=item_metadata(stage, item_id, out, report.durations.get(item_id, 0.0)),
-        )
-    yield from evaluate_checks(stage, executor, ids, context.log, context.instance)
+    stream = get_settings().stream_events
+    held: list[Committed] = []  # committed, not yet recorded
+    unchecked: list[int] = []  # materialized, checks not yet evaluated
+    checked: set[int] = set()
+    try:
+        while True:
+            try:
+                held.append(next(progress))
+            except StopIteration as stop:
+                report: BatchReport = stop.value
+                break
+            if stream:
+                unchecked += yield from _record(context, stage, key, held)
+                held = []
+                if len(unchecked) >= STREAM_CHECKS_EVERY:
+                    yield from evaluate_checks(stage, executor, unchecked, context.log, context.instance)
+                    checked.update(unchecked)
+                    unchecked = []
+    except BaseException as exc:
+        # Raised here (an interruption while an event was written): the executor hands its
+        # unfinished items back as if it had been raised there, then it goes on up.
+        progress.throw(exc)
+        raise
+    yield from _record(context, stage, key, held)
+    # The checks of the rest of the range: the items not committed here are checked too.
+    yield from evaluate_checks(stage, executor, [i for i in ids if i not in checked], context.log, context.instance)
     summary = report_summary(report)
     clean = not _not_done(report)
     (context.log.info if clean else context.log.warning)(summary)
@@ -214,6 +234,25 @@ def _stage_part(context: dg.AssetExecutionContext, stage: Stage, ids: list[int],
                            metadata={"failed_ids": dg.MetadataValue.text(
                                ", ".join(str(i) for i in sorted(report.permanent)))})
     return report, error
+
+
+# A streaming step evaluates the checks of the items it materialized in groups of this many (the
+# check queries cost about the same for one item as for many).
+STREAM_CHECKS_EVERY = 8
+
+
+def _record(context: dg.AssetExecutionContext, stage: Stage, key: dg.AssetKey,
+            committed: list[Committed]) -> Iterator[Any]:
+    """Materializations of committed items (after registering the clips they made); returns their ids."""
+    ids: list[int] = []
+    for c in committed:
+        if stage.registers_new_clips and c.new_clip_ids:
+            context.instance.add_dynamic_partitions(CLIPS.name, [str(i) for i in c.new_clip_ids])
+        for item_id, out in c.outputs.items():
+            yield dg.AssetMaterialization(asset_key=key, partition=str(item_id),
+                                          metadata=item_metadata(stage, item_id, out, c.durations[item_id]))
+            ids.append(item_id)
+    return ids
 
 
 def _not_done(report: BatchReport) -> set[int]:
@@ -298,8 +337,6 @@ def job_name(stage: Stage) -> str:
 def chained(stage: Stage, stages: tuple[Stage, ...] = STAGES) -> tuple[Stage, ...]:
     """The stages the stage's job runs after it in the same step (``Stage.runs_after``), with
     HEATERS_CHAIN_STAGES on."""
-    from heaters_dagster.settings import get_settings
-
     return followers_of(stage, stages) if get_settings().chain_stages else ()
 
 
@@ -311,7 +348,6 @@ def build_stage_job(stage: Stage, stages: tuple[Stage, ...] = STAGES) -> "dg.Job
     on this host, HEATERS_INPROCESS_EXECUTOR runs it inside the run worker (Dagster's
     ``in_process_executor``) instead of in a step subprocess."""
     from heaters_dagster.scaleout import stage_executor_def
-    from heaters_dagster.settings import get_settings
 
     executor = stage_executor_def()
     if executor is None and get_settings().inprocess_executor:

@@ -27,10 +27,10 @@ import shutil
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, Generator, Optional, Protocol
 
 import dagster as dg
 from sqlalchemy import text
@@ -76,6 +76,15 @@ class ItemContext:
         self.log.info(f"[{self.stage.name}] {item.kind} {item.id}: " + (msg % args if args else msg))
 
 
+@dataclass(frozen=True)
+class Committed:
+    """Items the executor committed since it last yielded: what their materializations record."""
+
+    outputs: dict[int, ItemOutput]
+    durations: dict[int, float]
+    new_clip_ids: tuple[int, ...] = ()  # clips these items registered (splice, split, merge)
+
+
 class StageExecutor(dg.ConfigurableResource):
     """Runs any stage of the stage table over a set of partitions. See the module docstring."""
 
@@ -89,7 +98,16 @@ class StageExecutor(dg.ConfigurableResource):
         return {**stage.params, **self.stage_params.get(stage.name, {})}
 
     # ------------------------------------------------------------------------------------------
-    def execute(
+    def execute(self, stage: Stage, item_ids: list[int], persister: Persister, **kwargs: Any) -> BatchReport:
+        """``execute_iter`` to its end: the report of the stage's work over ``item_ids``."""
+        work = self.execute_iter(stage, item_ids, persister, **kwargs)
+        while True:
+            try:
+                next(work)
+            except StopIteration as stop:
+                return stop.value
+
+    def execute_iter(
         self,
         stage: Stage,
         item_ids: list[int],
@@ -101,8 +119,14 @@ class StageExecutor(dg.ConfigurableResource):
         step_key: str | None = None,
         takeback_run_ids: tuple[str, ...] = (),
         explicit: bool = False,
-    ) -> BatchReport:
-        """``explicit``: a person launched the run (UI, backfill, CLI) rather than a stage sensor. Items
+    ) -> Generator[Committed, None, BatchReport]:
+        """The stage's work over ``item_ids``. While the items are worked on, yields the ones committed
+        since the last yield (a ``Committed``), so the caller can record them (Dagster events) while the
+        other items still run; returns the report at the end. Whatever the caller raises into it at
+        a yield (an interruption) is handled as if it had happened here: the unfinished items are
+        handed back.
+
+        ``explicit``: a person launched the run (UI, backfill, CLI) rather than a stage sensor. Items
         already past the stage are then taken back through it when the stage table allows it
         (``Stage.rerun_from``, or the failure state: a retry), and every other item that cannot run
         is reported as refused, with the reason, instead of being skipped quietly."""
@@ -115,19 +139,35 @@ class StageExecutor(dg.ConfigurableResource):
         heartbeat = Heartbeat(self.database, stage, who.owner, claimed, log)
         heartbeat.start()
         try:
-            return self._execute_claimed(stage, claimed, persister, who, heartbeat, report, log, attempt, run_id)
+            return (yield from self._execute_claimed(stage, claimed, persister, who, heartbeat, report, log, attempt,
+                                                     run_id))
         finally:
             heartbeat.stop()
 
     def _execute_claimed(self, stage: Stage, claimed: list[int], persister: Persister, who: leases.Claimant,
                          heartbeat: "Heartbeat", report: BatchReport, log: Any, attempt: int,
-                         run_id: str | None) -> BatchReport:
+                         run_id: str | None) -> Generator[Committed, None, BatchReport]:
         with self.database.session() as session:
             snapshots = load_snapshots(session, stage.entity, claimed)
         store = self.storage.store
         params = self.params_for(stage)
         final_attempt = attempt >= stage.max_retries
         lock = threading.Lock()
+        told: set[int] = set()
+        new_clips_told = 0
+
+        def committed() -> "Committed | None":
+            """The items committed since the last call (None: none)."""
+            nonlocal new_clips_told
+            with lock:
+                fresh = [i for i in report.succeeded if i not in told]
+                if not fresh:
+                    return None
+                told.update(fresh)
+                new_clips = tuple(report.new_clip_ids[new_clips_told:])
+                new_clips_told = len(report.new_clip_ids)
+                return Committed({i: report.succeeded[i] for i in fresh},
+                                 {i: report.durations.get(i, 0.0) for i in fresh}, new_clips)
 
         with tempfile.TemporaryDirectory(prefix=f"heaters-{stage.name}-", dir=self.scratch_dir) as tmp:
             def ctx_for(item_id: int) -> ItemContext:
@@ -161,6 +201,8 @@ class StageExecutor(dg.ConfigurableResource):
                         outcomes = {item.id: exc for item in items}
                     for item in items:
                         finish(item, outcomes.get(item.id, RuntimeError("handler returned no output")), started)
+                    if fresh := committed():
+                        yield fresh
                 else:
                     def one(item: ItemSnapshot) -> None:
                         started = time.monotonic()
@@ -176,14 +218,26 @@ class StageExecutor(dg.ConfigurableResource):
                     if workers == 1:
                         for item in items:
                             one(item)
+                            if fresh := committed():
+                                yield fresh
                     else:
                         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"heaters-{stage.name}") as pool:
                             try:
-                                list(pool.map(one, items))
+                                running = {pool.submit(one, item) for item in items}
+                                while running:
+                                    done, running = wait(running, return_when=FIRST_COMPLETED)
+                                    for f in done:
+                                        f.result()  # an error outside the handler: the step fails
+                                    if fresh := committed():
+                                        yield fresh
                             except BaseException as exc:
                                 if not isinstance(exc, Exception):
-                                    # Interrupted (run terminated, Ctrl+C) while workers wait on ffmpeg or
-                                    # yt-dlp: kill those children, or the pool's shutdown would wait for them.
+                                    # Interrupted (run terminated, Ctrl+C): the items not started yet are
+                                    # not started (the pool's shutdown would run them all), and the children
+                                    # of those being worked on (ffmpeg, yt-dlp) are killed, or the shutdown
+                                    # would wait for them.
+                                    for f in running:
+                                        f.cancel()
                                     _kill_children()
                                 raise
             except BaseException as exc:  # interrupted (run terminated, Ctrl+C): hand unfinished items back
