@@ -68,9 +68,6 @@ BASE_ENV = {"HEATERS_AUTO_APPROVE": "1", "HEATERS_CLIP_PRETRAINED": "none"}
 # dagster.yaml's pooled storage (heaters_dagster/dagster_storage.py): the same-run baseline for
 # that change.
 STOCK_STORAGE = "stock_storage"
-# Likewise a marker: dagster.yaml's run queue without `op_granularity_run_buffer` (no run launched
-# ahead of a free ffmpeg pool slot) and with the two runs of 7 December.
-NO_RUN_BUFFER = "no_run_buffer"
 # Seconds of an idle heaters dev (up, nothing submitted) whose machine-wide CPU use is measured
 # before each variant's submit.
 IDLE_SETTLE_S, IDLE_MEASURE_S = 10.0, 30.0
@@ -83,14 +80,13 @@ VARIANTS: dict[str, dict[str, str]] = {
 # Not run by default: "after" on the stock storage (`--variants stock_storage,after`), and
 # "unchained": "after" without the two hand-off savings of 5 December, splice in ingest's step
 # (HEATERS_CHAIN_STAGES) and ranges that reach over clips still upstream (HEATERS_RANGE_REACH)
-# (`--variants unchained,after`), and "unstreamed": "after" as of the 7 December run, each step's
-# materializations and check evaluations written when its work ends, not as its items commit
-# (HEATERS_STREAM_EVENTS), and no run launched ahead of a free ffmpeg pool slot (NO_RUN_BUFFER)
+# (`--variants unchained,after`), and "unstreamed": "after" with each step's materializations and
+# check evaluations written when its work ends, not as its items commit (HEATERS_STREAM_EVENTS)
 # (`--variants unstreamed,after`).
 EXTRA_VARIANTS: dict[str, dict[str, str]] = {
     "stock_storage": {**VARIANTS["after"], STOCK_STORAGE: "1"},
     "unchained": {**VARIANTS["after"], "HEATERS_CHAIN_STAGES": "0", "HEATERS_RANGE_REACH": "0"},
-    "unstreamed": {**VARIANTS["after"], "HEATERS_STREAM_EVENTS": "0", NO_RUN_BUFFER: "1"},
+    "unstreamed": {**VARIANTS["after"], "HEATERS_STREAM_EVENTS": "0"},
 }
 
 IN_FLIGHT_VIDEO = ("new", "downloading", "downloaded", "splicing")
@@ -196,10 +192,8 @@ def run_variant(name: str, env: dict[str, str], src: Path, work: Path, timeout_s
     home = work / f"home-{name}"
     shutil.rmtree(home, ignore_errors=True)
     dev_env = {**BASE_ENV, **env}
-    stock, no_buffer = dev_env.pop(STOCK_STORAGE, None), dev_env.pop(NO_RUN_BUFFER, None)
-    if stock or no_buffer:
-        dev_env["DAGSTER_HOME"] = str(variant_dagster_home(home / "dagster_home_variant", stock_storage=bool(stock),
-                                                           run_buffer=not no_buffer))
+    if dev_env.pop(STOCK_STORAGE, None):
+        dev_env["DAGSTER_HOME"] = str(stock_dagster_home(home / "dagster_home_stock"))
     t_start = time.perf_counter()
     with running_dev(home, dev_env, free_port()) as proc:
         ready_s = time.perf_counter() - t_start
@@ -252,20 +246,14 @@ def run_variant(name: str, env: dict[str, str], src: Path, work: Path, timeout_s
     return res
 
 
-def variant_dagster_home(home: Path, *, stock_storage: bool = False, run_buffer: bool = True) -> Path:
-    """A DAGSTER_HOME whose dagster.yaml is the repository's with dagster-postgres' stock storage
-    (``stock_storage``), or without the run launched ahead of the ffmpeg pool (``run_buffer``
-    False: the run queue of 7 December, two runs, no run launched before its pool has a slot)."""
+def stock_dagster_home(home: Path) -> Path:
+    """A DAGSTER_HOME whose dagster.yaml is the repository's with dagster-postgres' stock storage."""
     import yaml
 
     cfg = yaml.safe_load((ROOT / "dagster.yaml").read_text())
-    if stock_storage:
-        for key in ("run_storage", "event_log_storage", "schedule_storage"):
-            cfg.pop(key, None)
-        cfg["storage"] = {"postgres": {"postgres_url": {"env": "HEATERS_DAGSTER_DATABASE_URL"}}}
-    if not run_buffer:
-        cfg["concurrency"]["pools"].pop("op_granularity_run_buffer", None)
-        cfg["concurrency"]["runs"] = {"max_concurrent_runs": 2}
+    for key in ("run_storage", "event_log_storage", "schedule_storage"):
+        cfg.pop(key, None)
+    cfg["storage"] = {"postgres": {"postgres_url": {"env": "HEATERS_DAGSTER_DATABASE_URL"}}}
     home.mkdir(parents=True, exist_ok=True)
     (home / "dagster.yaml").write_text(yaml.safe_dump(cfg))
     return home

@@ -18,10 +18,6 @@ A pooled connection can outlive the server (``heaters dev`` restarts the embedde
 are checked with a ping on checkout and recycled after ``_RECYCLE_S``. A forked child does not
 reuse its parent's connections (``os.register_at_fork``).
 
-A step blocked on a pool asks for its slot every ``POOL_CLAIM_POLL_S`` instead of Dagster's
-interval that grows to 15 s, so a run launched ahead of a free slot starts its work about as soon
-as the slot is freed.
-
 Table autocreation happens once per process and database, not once per instance: with
 ``should_autocreate_tables`` on (the default), dagster-postgres lists the database's tables on
 three new connections in every DagsterInstance it builds, which was about a third of an idle
@@ -49,12 +45,6 @@ __all__ = ["PooledPostgresEventLogStorage", "PooledPostgresRunStorage", "PooledP
 _POOL_SIZE = 2
 _MAX_OVERFLOW = 16
 _RECYCLE_S = 1800
-
-# How often a step whose run was launched ahead of a free pool slot (dagster.yaml's
-# `op_granularity_run_buffer`) asks for the slot. Dagster's own interval grows from 1 s to 15 s
-# with each refusal (about 8 s after a minute's wait), so the step would start seconds after the
-# slot is free; one claim query every half second costs next to nothing.
-POOL_CLAIM_POLL_S = 0.5
 
 _lock = threading.Lock()
 _engines: dict[str, sa.engine.Engine] = {}
@@ -136,13 +126,6 @@ class PooledPostgresEventLogStorage(PostgresEventLogStorage):
     @classmethod
     def from_config_value(cls, inst_data: Any, config_value: Any) -> PooledPostgresEventLogStorage:  # type: ignore[override]
         return cls(**_kwargs(inst_data, config_value))
-
-    def claim_concurrency_slot(self, concurrency_key: str, run_id: str, step_key: str,
-                               priority: int | None = None) -> Any:
-        """A step blocked on a pool asks again every ``POOL_CLAIM_POLL_S`` (the storage's
-        ``sleep_interval``, which Dagster's step executor honours) instead of backing off to 15 s."""
-        status = super().claim_concurrency_slot(concurrency_key, run_id, step_key, priority)
-        return status if status.is_claimed else status.with_sleep_interval(POOL_CLAIM_POLL_S)
 
 
 class PooledPostgresScheduleStorage(PostgresScheduleStorage):

@@ -123,22 +123,3 @@ def test_every_instance_of_a_process_shares_one_pool(fresh_dagster_db: str, tmp_
     for _ in range(10):
         stock.get_runs(limit=1)
     assert len(stock_connects) == 10
-
-
-def test_a_step_blocked_on_a_pool_asks_again_within_the_storages_poll_interval(fresh_dagster_db: str) -> None:
-    """Dagster's step executor waits the storage's ``sleep_interval`` between claims of a blocked
-    step (its own interval grows to 15 s): the pooled event log storage sets it."""
-    from dagster._core.execution.plan.instance_concurrency_context import _calculate_timeout_interval
-
-    from heaters_dagster.dagster_storage import POOL_CLAIM_POLL_S
-
-    storage = PooledPostgresEventLogStorage(fresh_dagster_db)
-    storage.set_concurrency_slots("pool_t", 1)
-    assert storage.claim_concurrency_slot("pool_t", "run-a", "step").is_claimed
-    blocked = storage.claim_concurrency_slot("pool_t", "run-b", "step")
-    assert not blocked.is_claimed and blocked.sleep_interval == POOL_CLAIM_POLL_S
-    # What the executor then waits, after many refusals as after the first.
-    assert _calculate_timeout_interval(blocked.sleep_interval, 20) == POOL_CLAIM_POLL_S
-    assert _calculate_timeout_interval(None, 20) > 5 * POOL_CLAIM_POLL_S  # Dagster's own backoff
-    storage.free_concurrency_slots_for_run("run-a")
-    assert storage.claim_concurrency_slot("pool_t", "run-b", "step").is_claimed

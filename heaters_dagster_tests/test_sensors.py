@@ -313,32 +313,6 @@ def test_ready_items_wait_while_a_run_of_the_stage_is_queued_then_go_in_one_run(
     assert sorted(_requested_ids(r3, instance, keyframes)) == sorted(more)
 
 
-def test_ready_items_wait_while_a_run_of_the_stage_launched_ahead_waits_for_its_pool_slot(db, instance,
-                                                                                          monkeypatch):
-    """A run launched ahead of a free pool slot (dagster.yaml's ``op_granularity_run_buffer``) has
-    started but not claimed its items: the sensor holds newly ready items as for a queued run, and
-    requests them once that run's step has its slot."""
-    from heaters_dagster.assets.factory import FFMPEG_POOL
-
-    monkeypatch.delenv("HEATERS_BATCH_WAIT_S", raising=False)
-    keyframes = get_stage("keyframes")
-    storage = instance.event_log_storage
-    storage.set_concurrency_slots(FFMPEG_POOL, 1)
-    sprite_run = _add_run(instance, SPRITE, dg.DagsterRunStatus.STARTED)
-    assert storage.claim_concurrency_slot(FFMPEG_POOL, sprite_run.run_id, "sprite").is_claimed
-    ahead = _add_run(instance, keyframes, dg.DagsterRunStatus.STARTED)
-    assert not storage.claim_concurrency_slot(FFMPEG_POOL, ahead.run_id, "keyframes").is_claimed
-    vid = make_video(db)
-    approved = make_clips(db, vid, [(0, 24), (24, 48)], state="review_approved")
-    r = _batch_tick(instance, db, None, now=0.0, stage=keyframes)
-    assert not r.run_requests and "waiting for a pool slot" in r.skip_reason.skip_message, r.skip_reason
-    # Sprite's step ends and frees the slot; the run ahead gets it (and takes its clips).
-    storage.free_concurrency_slots_for_run(sprite_run.run_id)
-    assert storage.claim_concurrency_slot(FFMPEG_POOL, ahead.run_id, "keyframes").is_claimed
-    r2 = _batch_tick(instance, db, r.cursor, now=1.0, stage=keyframes)
-    assert sorted(_requested_ids(r2, instance, keyframes)) == sorted(approved)
-
-
 def test_embedding_waits_for_keyframes_still_in_flight_within_its_hold(db, instance, monkeypatch):
     """The first keyframed clips do not start an embedding run (and its model load) of their own
     while keyframes still has clips in progress or approved: they wait for the rest, at most

@@ -93,16 +93,6 @@ class UnfinishedItemsError(Exception):
 FFMPEG_POOL = "heaters_ffmpeg"
 
 
-def group_pool(group: "tuple[Stage, ...]") -> str | None:
-    """The concurrency pool of a group's op: the ffmpeg pool if any of its stages is ffmpeg work."""
-    return FFMPEG_POOL if any("ffmpeg" in s.kinds for s in group) else None
-
-
-def stage_pool(stage: Stage, stages: tuple[Stage, ...] = STAGES) -> str | None:
-    """The pool of the op the stage's job runs (its group's, with the stages chained after it)."""
-    return group_pool(next((g for g in stage_groups(stages) if stage in g), (stage,)))
-
-
 def _takeback_run_ids(context: dg.AssetExecutionContext) -> tuple[str, ...]:
     """A run retry (Dagster's run_retries after a crash) may take back the claims of the run it retries."""
     run = context.run
@@ -302,7 +292,7 @@ def build_stage_asset(group: "Stage | tuple[Stage, ...]") -> dg.AssetsDefinition
                                     backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS),
         backfill_policy=dg.BackfillPolicy.multi_run(
             max_partitions_per_run=min(s.max_partitions_per_run for s in group)),
-        pool=group_pool(group),
+        pool=FFMPEG_POOL if any("ffmpeg" in s.kinds for s in group) else None,
     )
     def _stage_asset(context: dg.AssetExecutionContext) -> Iterator[Any]:
         ids = [int(k) for k in context.partition_keys]

@@ -35,7 +35,7 @@ import dagster as dg
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 from sqlalchemy import literal_column, select
 
-from heaters_dagster.assets.factory import job_name, stage_pool
+from heaters_dagster.assets.factory import job_name
 from heaters_dagster.pipeline.items import MODELS
 from heaters_dagster.resources.database import DatabaseResource
 from heaters_dagster.stages import NODES_BY_NAME, STAGES, STAGES_BY_NAME, Stage
@@ -122,27 +122,10 @@ WAITING_STATUSES = (dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.STARTING)
 
 
 def waiting_run(context: Any, stage: Stage) -> "dg.DagsterRun | None":
-    """A run of the stage's job whose items are not claimed yet, if any: queued, starting, or
-    started with its step still waiting for a slot of its pool (a run launched ahead of a free
-    slot: ``op_granularity_run_buffer`` in dagster.yaml)."""
+    """A run of the stage's job that is queued or starting (its items not yet claimed), if any."""
     runs = context.instance.get_runs(filters=dg.RunsFilter(job_name=job_name(stage), statuses=list(WAITING_STATUSES)),
                              limit=1)
-    if runs:
-        return runs[0]
-    pool = stage_pool(stage)
-    if pool is None:
-        return None
-    blocked = {p.run_id for p in context.instance.event_log_storage.get_concurrency_info(pool).pending_steps
-               if p.assigned_timestamp is None}
-    if not blocked:
-        return None
-    runs = context.instance.get_runs(filters=dg.RunsFilter(run_ids=sorted(blocked), job_name=job_name(stage),
-                                                           statuses=[dg.DagsterRunStatus.STARTED]), limit=1)
     return runs[0] if runs else None
-
-
-def _waiting_for(run: "dg.DagsterRun") -> str:
-    return "waiting for a pool slot" if run.status == dg.DagsterRunStatus.STARTED else run.status.value.lower()
 
 
 def upstream_busy(database: DatabaseResource, stage: Stage) -> bool:
@@ -289,7 +272,7 @@ def evaluate_stage_sensor(context: Any, stage: Stage, database: DatabaseResource
             cursor.waiting_since = now
         return dg.SensorResult(
             skip_reason=dg.SkipReason(f"holding {len(ready)} ready {stage.entity}s for {stage.name} until run "
-                                      f"{waiting.run_id[:8]} ({_waiting_for(waiting)}) has taken its items"),
+                                      f"{waiting.run_id[:8]} ({waiting.status.value.lower()}) has started"),
             cursor=cursor.dump())
     elif wait_s > 0 and len(ready) < full and in_flight:
         if cursor.waiting_since is None:
