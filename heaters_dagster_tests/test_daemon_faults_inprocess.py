@@ -21,11 +21,12 @@ from heaters_dagster_tests.dev_harness import free_port, running_dev
 from heaters_dagster_tests.test_daemon_faults import (
     DEV_ENV,
     Dev,
-    _assert_clean,
     _claimed,
     _done,
+    _assert_clean,
     _video,
     assert_killed_run_failed,
+    assert_terminated_run_canceled,
     wait_for,
 )
 
@@ -88,3 +89,10 @@ def test_sigkill_of_the_run_worker_mid_sprite_inprocess(dev, media):
     _assert_clean(dev, vid, 6)
     # clips it finished before the kill may have materialized
     assert_killed_run_failed(dev, run_id, "sprite", row.id, materialized_nothing=False)
+
+
+
+def test_a_sprite_run_terminated_from_the_ui_is_canceled_inprocess(dev, media):
+    """With the in-process executor Dagster would retry the interrupted step inside the same run
+    worker (the assets' RetryPolicy; dagster#15026) and the terminated run would end SUCCESS."""
+    assert_terminated_run_canceled(dev, media, "inproc-sprite-terminate")

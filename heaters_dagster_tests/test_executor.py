@@ -37,6 +37,10 @@ def handler(ctx, item):
         raise ZeroDivisionError("division by zero")
     if outcome == "slow":
         time.sleep(1.0)
+    if outcome == "child":  # a media subprocess (as ffmpeg is) that runs until it is killed
+        from heaters_dagster.media import ffmpeg_tools
+
+        ffmpeg_tools.run(["sleep", "30"], what=f"clip {item.id}'s long child", capture_stdout=False)
     path = Path(ctx.workdir) / "sprite.jpg"
     path.write_bytes(b"\xff\xd8fake-jpeg-%d" % item.id)
     return ItemOutput(item_id=item.id, artifacts=[ArtifactOut("sprite", FileToStore(f"clips/{item.id}/sprite.jpg", path),
@@ -272,3 +276,40 @@ def test_an_interruption_raised_into_the_executor_at_a_yield_hands_the_unfinishe
     assert back and set(back) >= set(ids[1 + max_parallel:]), states
     assert all(row_of(db, "clip", i).last_error.startswith("interrupted") for i in back)
     assert all(CALLS[i] == 0 for i in ids[1 + max_parallel:])
+
+
+def test_an_item_whose_child_the_interruption_killed_is_handed_back_not_failed(defs, db):
+    """The interruption kills the media subprocesses of the items being worked on, so their
+    handlers fail (a signal-killed ffmpeg is a transient error). That failure is the interruption's,
+    not the item's, and no retry of the interrupted step will come: the item goes back to its input
+    state with a new version (so its sensor requests it again), like the items not started."""
+    import logging
+
+    from heaters_dagster.resources.executor import StageExecutor
+
+    vid = make_video(db)
+    ids = make_clips(db, vid, [(i * 24, (i + 1) * 24) for i in range(3)])
+    BEHAVIOUR[ids[0]] = ["ok"]
+    BEHAVIOUR[ids[1]] = ["child"]
+    BEHAVIOUR[ids[2]] = ["slow"]
+    before = {i: row_of(db, "clip", i).version for i in ids}
+    executor = StageExecutor(database=defs.resources["database"], storage=defs.resources["storage"], max_parallel=2)
+    work = executor.execute_iter(TEST_STAGE, ids, defs.resources["artifact_io_manager"], log=logging.getLogger("t"))
+    first = next(work)
+    assert set(first.outputs) == {ids[0]}
+    from heaters_dagster.media.subprocess_guard import live_children
+
+    deadline = time.monotonic() + 20
+    while not live_children() and time.monotonic() < deadline:  # clip 1's child is running
+        time.sleep(0.02)
+    assert live_children()
+    with pytest.raises(KeyboardInterrupt):
+        work.throw(KeyboardInterrupt())
+    assert not live_children()
+    killed = row_of(db, "clip", ids[1])
+    assert (killed.state, killed.claim_owner) == ("spliced", None)
+    assert killed.version > before[ids[1]]
+    assert killed.last_error.startswith("interrupted")
+    with db.session() as session:
+        statuses = [r.status for r in session.query(StageResult).filter_by(entity_id=ids[1], stage=TEST_STAGE.name)]
+    assert "transient_error" not in statuses

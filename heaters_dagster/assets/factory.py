@@ -19,6 +19,7 @@ from typing import Any, Iterator
 import warnings
 
 import dagster as dg
+from dagster._core.errors import DagsterExecutionInterruptedError  # what an interrupted step raises
 
 from heaters_dagster.assets.graph import CLIPS, asset_deps, build_human_step_asset, partitions_def_for
 from heaters_dagster.checks import CheckEnv, get_check
@@ -180,34 +181,50 @@ def _stage_part(context: dg.AssetExecutionContext, stage: Stage, ids: list[int],
         if others:
             context.log.info(f"[{stage.name}] {len(work)} of the range's {len(ids)} partitions are this "
                              f"stage's work; {len(others)} {stage.entity}s in other states left alone")
+    report = BatchReport(stage=stage.name)
     progress = executor.execute_iter(
         stage, work, getattr(context.resources, stage.io_manager_key), log=context.log,
         attempt=context.retry_number, run_id=context.run_id, step_key=stage.name,
-        takeback_run_ids=_takeback_run_ids(context), explicit=explicit,
+        takeback_run_ids=_takeback_run_ids(context), explicit=explicit, report=report,
     )
     stream = get_settings().stream_events
     held: list[Committed] = []  # committed, not yet recorded
+    recorded: set[int] = set()
     unchecked: list[int] = []  # materialized, checks not yet evaluated
     checked: set[int] = set()
     try:
         while True:
             try:
                 held.append(next(progress))
-            except StopIteration as stop:
-                report: BatchReport = stop.value
+            except StopIteration:
                 break
             if stream:
-                unchecked += yield from _record(context, stage, key, held)
+                done = yield from _record(context, stage, key, held)
+                recorded.update(done)
+                unchecked += done
                 held = []
                 if len(unchecked) >= STREAM_CHECKS_EVERY:
                     yield from evaluate_checks(stage, executor, unchecked, context.log, context.instance)
                     checked.update(unchecked)
                     unchecked = []
     except BaseException as exc:
-        # Raised here (an interruption while an event was written): the executor hands its
-        # unfinished items back as if it had been raised there, then it goes on up.
-        progress.throw(exc)
-        raise
+        # Raised in the executor, or here (an interruption while an event was written): there the
+        # executor hands its unfinished items back as if it had been raised in it. Either way the
+        # exception goes on up...
+        try:
+            progress.throw(exc)
+        except BaseException as again:
+            if again is not exc:
+                raise
+        if isinstance(exc, (KeyboardInterrupt, DagsterExecutionInterruptedError)):
+            # ... after the items committed before the work stopped (those being worked on when
+            # the interruption came may have finished) are recorded, or their partitions would
+            # stay unmaterialized in Dagster although they went on to the next stage.
+            late = {i: out for i, out in report.succeeded.items() if i not in recorded}
+            if late:
+                yield from _record(context, stage, key, [Committed(
+                    late, {i: report.durations.get(i, 0.0) for i in late}, tuple(report.new_clip_ids))])
+        raise exc
     yield from _record(context, stage, key, held)
     # The checks of the rest of the range: the items not committed here are checked too.
     yield from evaluate_checks(stage, executor, [i for i in ids if i not in checked], context.log, context.instance)
@@ -253,6 +270,15 @@ def _record(context: dg.AssetExecutionContext, stage: Stage, key: dg.AssetKey,
                                           metadata=item_metadata(stage, item_id, out, c.durations[item_id]))
             ids.append(item_id)
     return ids
+
+
+def _run_terminated(context: dg.AssetExecutionContext) -> bool:
+    """Whether a person (UI, GraphQL, CLI) asked for the step's run to be terminated."""
+    try:
+        run = context.instance.get_run_by_id(context.run_id)
+    except Exception:  # noqa: BLE001 - no database: treat the interruption as Dagster does
+        return False
+    return run is not None and run.status in (dg.DagsterRunStatus.CANCELING, dg.DagsterRunStatus.CANCELED)
 
 
 def _not_done(report: BatchReport) -> set[int]:
@@ -304,17 +330,28 @@ def build_stage_asset(group: "Stage | tuple[Stage, ...]") -> dg.AssetsDefinition
         selected_checks = {k.name for k in context.selected_asset_check_keys}
         error: Exception | None = None
         skip: set[int] = set()
-        for stage in group:
-            if keys[stage.name] not in context.selected_asset_keys:
-                if selected_checks & set(stage.checks):  # only the checks were selected
-                    yield from evaluate_checks(stage, executor, ids, context.log, context.instance)
-                continue
-            todo = [i for i in ids if i not in skip]
-            if not todo:
-                continue
-            report, err = yield from _stage_part(context, stage, todo, explicit)
-            skip |= _not_done(report)
-            error = error or err
+        try:
+            for stage in group:
+                if keys[stage.name] not in context.selected_asset_keys:
+                    if selected_checks & set(stage.checks):  # only the checks were selected
+                        yield from evaluate_checks(stage, executor, ids, context.log, context.instance)
+                    continue
+                todo = [i for i in ids if i not in skip]
+                if not todo:
+                    continue
+                report, err = yield from _stage_part(context, stage, todo, explicit)
+                skip |= _not_done(report)
+                error = error or err
+        except (KeyboardInterrupt, DagsterExecutionInterruptedError) as exc:
+            # The items were handed back (executor). Dagster turns an interruption inside an op
+            # with a RetryPolicy into a retry; with the in-process executor the retry then runs in
+            # the same run worker and the run a person terminated ends SUCCESS (dagster#15026).
+            # A terminated run's step fails without retry instead, and Dagster records the run
+            # CANCELED (a step that fails while its run is CANCELING).
+            if _run_terminated(context):
+                raise dg.Failure(description="the run was terminated; its unfinished items were handed back "
+                                 "to their stage's sensor", allow_retries=False) from exc
+            raise
         if error is not None:
             raise error
 

@@ -119,6 +119,7 @@ class StageExecutor(dg.ConfigurableResource):
         step_key: str | None = None,
         takeback_run_ids: tuple[str, ...] = (),
         explicit: bool = False,
+        report: BatchReport | None = None,
     ) -> Generator[Committed, None, BatchReport]:
         """The stage's work over ``item_ids``. While the items are worked on, yields the ones committed
         since the last yield (a ``Committed``), so the caller can record them (Dagster events) while the
@@ -129,8 +130,11 @@ class StageExecutor(dg.ConfigurableResource):
         ``explicit``: a person launched the run (UI, backfill, CLI) rather than a stage sensor. Items
         already past the stage are then taken back through it when the stage table allows it
         (``Stage.rerun_from``, or the failure state: a retry), and every other item that cannot run
-        is reported as refused, with the reason, instead of being skipped quietly."""
-        report = BatchReport(stage=stage.name)
+        is reported as refused, with the reason, instead of being skipped quietly.
+
+        ``report``: the caller's (empty) report to fill, so that after an interruption it still
+        sees what was committed before the work stopped."""
+        report = report if report is not None else BatchReport(stage=stage.name)
         who = leases.Claimant(owner=leases.owner_token(run_id, step_key or stage.name, attempt), run_id=run_id,
                               takeback_run_ids=tuple(r for r in (run_id, *takeback_run_ids) if r))
         claimed = self._claim(stage, item_ids, who, report, log, explicit=explicit)
@@ -155,6 +159,7 @@ class StageExecutor(dg.ConfigurableResource):
         lock = threading.Lock()
         told: set[int] = set()
         new_clips_told = 0
+        interrupted = threading.Event()  # set before the children of running items are killed
 
         def committed() -> "Committed | None":
             """The items committed since the last call (None: none)."""
@@ -182,6 +187,12 @@ class StageExecutor(dg.ConfigurableResource):
                     with lock:
                         report.lost[item.id] = lost
                     log.warning(f"[{stage.name}] {item.kind} {item.id}: {lost}; result discarded")
+                elif isinstance(outcome, BaseException) and interrupted.is_set():
+                    # Failed because the interruption killed its children: not the item's fault,
+                    # and no retry of this step will come. It is handed back with the unfinished.
+                    log.warning(f"[{stage.name}] {item.kind} {item.id}: stopped by the interruption "
+                                f"({type(outcome).__name__})")
+                    return
                 elif isinstance(outcome, BaseException):
                     self._fail(stage, item, outcome, report, lock, log, final_attempt, attempt, run_id, started,
                                who.owner)
@@ -238,6 +249,7 @@ class StageExecutor(dg.ConfigurableResource):
                                     # would wait for them.
                                     for f in running:
                                         f.cancel()
+                                    interrupted.set()
                                     _kill_children()
                                 raise
             except BaseException as exc:  # interrupted (run terminated, Ctrl+C): hand unfinished items back
