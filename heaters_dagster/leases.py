@@ -255,7 +255,7 @@ def release_run(session: Session, run_id: str, reason: str) -> list[Recovered]:
 
 
 def release_unclaimed(session: Session, stage: Any, ids: Iterable[int], *, run_id: str,
-                      reason: str) -> list[Recovered]:
+                      reason: str, error_type: str = "RunDiedBeforeClaim") -> list[Recovered]:
     """Items a dead run was to do but never claimed (it failed or was canceled before its step
     started) sit in the stage's input state at the version its sensor already requested, so no
     sensor would request them again. Each gets a new version, so its sensor requests it again, and
@@ -295,9 +295,31 @@ def release_unclaimed(session: Session, stage: Any, ids: Iterable[int], *, run_i
                              r.state == stage.failure_state, None, r.last_error))
         session.execute(text("""
             INSERT INTO stage_results (stage, entity_kind, entity_id, status, error_type, message, run_id)
-            VALUES (:stage, :kind, :id, 'lost', 'RunDiedBeforeClaim', :msg, :run_id)
-        """), {"stage": stage.name, "kind": stage.entity, "id": int(r.id), "msg": r.last_error, "run_id": run_id})
+            VALUES (:stage, :kind, :id, 'lost', :error_type, :msg, :run_id)
+        """), {"stage": stage.name, "kind": stage.entity, "id": int(r.id), "msg": r.last_error, "run_id": run_id,
+               "error_type": error_type})
     return out
+
+
+def left_after_transient_errors(session: Session, stage: Any, run_id: str) -> list[int]:
+    """Items whose last result in ``stage`` is a transient error in run ``run_id``, not claimed
+    since: the executor sent them back to the input state at the version their sensor requested,
+    for the step's retry to take again. When that run is dead and will not be retried, no one would ever take them:
+    ``release_unclaimed`` gives them a new version (the caller decides when)."""
+    # Not claimed since (claimed_at is kept after a claim ends): a retry attempt that took the item
+    # and was interrupted handed it back with a new version itself.
+    rows = session.execute(text(f"""
+        SELECT last.entity_id FROM (
+            SELECT DISTINCT ON (entity_id) entity_id, status, run_id, created_at FROM stage_results
+            WHERE stage = :stage AND entity_kind = :kind AND entity_id IN (
+                SELECT entity_id FROM stage_results
+                WHERE stage = :stage AND status = 'transient_error' AND run_id = :run_id)
+            ORDER BY entity_id, id DESC
+        ) last JOIN {_table(stage.entity)} t ON t.id = last.entity_id
+        WHERE last.status = 'transient_error' AND last.run_id = :run_id
+          AND (t.claimed_at IS NULL OR t.claimed_at <= last.created_at)
+    """), {"stage": stage.name, "kind": stage.entity, "run_id": run_id}).all()
+    return sorted(int(r.entity_id) for r in rows)
 
 
 def release_items(session: Session, kind: str, ids: Iterable[int], *, reason: str, owner: str | None = None,

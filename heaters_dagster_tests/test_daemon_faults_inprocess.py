@@ -96,3 +96,85 @@ def test_a_sprite_run_terminated_from_the_ui_is_canceled_inprocess(dev, media):
     """With the in-process executor Dagster would retry the interrupted step inside the same run
     worker (the assets' RetryPolicy; dagster#15026) and the terminated run would end SUCCESS."""
     assert_terminated_run_canceled(dev, media, "inproc-sprite-terminate")
+
+
+@pytest.fixture()
+def flaky_server(media):
+    """A loopback HTTP server that answers 503 to every GET until ``ok`` is set, then serves a
+    two-scene video: a download that fails transiently, then would succeed."""
+    import functools
+    import http.server
+    import threading
+
+    body = _video(media, "flaky-body", [2.0, 2.0]).path.read_bytes()
+    ok = threading.Event()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _head(self, status: int) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", "video/mp4")
+            self.send_header("Content-Length", str(len(body) if status == 200 else 0))
+            self.end_headers()
+
+        def do_HEAD(self) -> None:
+            self._head(200 if ok.is_set() else 503)
+
+        def do_GET(self) -> None:
+            self._head(200 if ok.is_set() else 503)
+            if ok.is_set():
+                self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler))
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}/flaky.mp4", ok
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_a_run_terminated_after_a_transient_error_does_not_strand_that_item(dev, media, flaky_server,
+                                                                            monkeypatch):
+    """An ingest run covers two videos: one download fails with HTTP 503 (transient: the executor
+    sends the video back to `new` at its requested version, for the step's retry), the other is
+    still being worked on when an operator terminates the run. No retry comes after a terminate, and
+    the sensor never requests a version twice, so the failed video would sit in `new` for good; the
+    cancellation sensor gives it a new version instead, and both videos complete once."""
+    from heaters_dagster.database.engine import get_engine, session_scope
+    from heaters_dagster.pipeline.submit import submit_source
+
+    monkeypatch.setenv("HEATERS_ALLOW_PRIVATE_URLS", "1")
+    url, ok = flaky_server
+    slow = _video(media, "terminate-neighbour", [15.0, 15.0, 15.0])
+    with session_scope(get_engine(dev.url)) as s:  # one commit: both in the same ingest run
+        flaky = submit_source(s, dev.store, url, "flaky download").video_id
+        busy = submit_source(s, dev.store, str(slow.path), "busy neighbour").video_id
+    failed = wait_for(lambda: dev.sql("SELECT run_id FROM stage_results WHERE stage = 'ingest' AND entity_id = :v "
+                                      "AND status = 'transient_error'", v=flaky), 180,
+                      "the download to fail transiently", dev.proc, every=0.05)
+    run_id = failed[0].run_id
+    wait_for(lambda: dev.sql("SELECT claim_run_id FROM source_videos WHERE id = :v", v=busy)[0][0] == run_id, 60,
+             "the same run to work on the other video", dev.proc, every=0.05)
+    data = dev.proc.graphql(
+        "mutation($r: String!) { terminateRun(runId: $r) { __typename "
+        "... on TerminateRunFailure { message } ... on PythonError { message } } }", {"r": run_id})
+    assert data["terminateRun"]["__typename"] == "TerminateRunSuccess", data
+    status = lambda: dev.dagster_sql("SELECT status FROM runs WHERE run_id = :r", r=run_id)[0][0]
+    wait_for(lambda: status() not in ("STARTED", "CANCELING"), 90, "the terminated run to end", dev.proc)
+    assert status() == "CANCELED"
+    ok.set()  # the next download succeeds
+    try:
+        wait_for(lambda: _done(dev, flaky, 2) and _done(dev, busy, 3), 300, "both videos to complete", dev.proc)
+    except AssertionError:
+        print("videos:", dev.sql("SELECT id, state, version, claim_owner, last_error FROM source_videos "
+                                 "WHERE id = ANY(:ids)", ids=[flaky, busy]))
+        raise
+    _assert_clean(dev, flaky, 2)
+    _assert_clean(dev, busy, 3)
+    lost = dev.sql("SELECT error_type, run_id FROM stage_results WHERE stage = 'ingest' AND entity_id = :v "
+                   "AND status = 'lost'", v=flaky)
+    assert [(r.error_type, r.run_id) for r in lost] == [("RunDiedAfterTransientError", run_id)]
+    row = dev.sql("SELECT lost_count, last_error FROM source_videos WHERE id = :v", v=flaky)[0]
+    assert row.lost_count == 1

@@ -150,3 +150,60 @@ def test_store_hygiene_sensor_removes_old_orphans_only(defs, db, store, instance
         store_hygiene_sensor(ctx)
     assert not store.exists("sources/9/clips/old-orphan.mp4")
     assert store.exists("sources/9/clips/new-orphan.mp4")  # within the grace: a commit may be in flight
+
+
+def test_a_dead_run_hands_back_what_it_sent_back_for_a_retry_that_will_not_come(defs, db, instance):
+    """A run's step sent clips back to their input state after a transient error, at the version
+    their sensor requested, for the step's retry; then the run died (or was terminated, or failed
+    on another clip's permanent error) with no retry to come. The failure sensor gives those clips a
+    new version, so the sensor requests them again; a clip whose last result is no longer that
+    transient error, that someone holds, or that a retry attempt took again (and handed back itself
+    when it was interrupted), is left alone, and so is every clip while Dagster will retry the run."""
+    from dagster._core.test_utils import create_run_for_test
+
+    from heaters_dagster.pipeline.items import record_result
+
+    vid = make_video(db)
+    a, b, c, d, e = make_clips(db, vid, [(i * 24, i * 24 + 24) for i in range(5)])
+
+    def started_run():
+        run = create_run_for_test(instance, job_name="sprite_job", status=dg.DagsterRunStatus.STARTED,
+                                  tags=_range(a, e))
+        instance.report_dagster_event(dg.DagsterEvent(event_type_value="STEP_START", job_name="sprite_job",
+                                                      step_key="sprite"), run.run_id)
+        with db.session() as s:
+            for clip in (a, b, c, e):
+                record_result(s, stage="sprite", kind="clip", item_id=clip, status="transient_error",
+                              run_id=run.run_id, message="HTTP 503")
+            record_result(s, stage="sprite", kind="clip", item_id=b, status="succeeded", run_id=run.run_id)
+        return run
+
+    retried = started_run()
+    instance.add_run_tags(retried.run_id, {"dagster/will_retry": "true"})
+    _report_to_failure_sensor(defs, instance, instance.get_run_by_id(retried.run_id),
+                              instance.report_run_failed(retried, message="run worker crashed"))
+    assert [row_of(db, "clip", i).version for i in (a, b, c, d, e)] == [0] * 5  # the retry takes them
+
+    run = started_run()
+    with db.session() as s:
+        leases.claim(s, get_stage("sprite"), c, leases.Claimant("someone/sprite#0@h:1", "someone"))
+        retry = f"{run.run_id}/sprite#1@h:3"  # the step's retry attempt takes e, then is interrupted
+        leases.claim(s, get_stage("sprite"), e, leases.Claimant(retry, run.run_id))
+    with db.session() as s:
+        leases.release_items(s, "clip", [e], reason="interrupted", owner=retry, counts_as_lost=False)
+    assert row_of(db, "clip", e).version == 1
+    _report_to_failure_sensor(defs, instance, instance.get_run_by_id(run.run_id),
+                              instance.report_run_failed(run, message="run worker crashed"))
+    row = row_of(db, "clip", a)
+    assert (row.state, row.version, row.lost_count) == ("spliced", 1, 1)
+    assert "after a transient error, with no retry of its step to come" in row.last_error
+    assert (row_of(db, "clip", b).version, row_of(db, "clip", d).version) == (0, 0)
+    assert (row_of(db, "clip", e).version, row_of(db, "clip", e).lost_count) == (1, 0)  # not twice
+    assert row_of(db, "clip", c).state == "generating_sprite"  # held by someone: theirs
+    lost = db_rows(db, "SELECT entity_id, error_type FROM stage_results WHERE status = 'lost' AND run_id = :r",
+                   r=run.run_id)
+    assert [(r.entity_id, r.error_type) for r in lost] == [(a, "RunDiedAfterTransientError")]
+    # the failure is reported again (a second sensor tick): nothing is handed back twice
+    _report_to_failure_sensor(defs, instance, instance.get_run_by_id(run.run_id),
+                              instance.report_run_failed(run, message="run worker crashed"))
+    assert row_of(db, "clip", a).version == 1

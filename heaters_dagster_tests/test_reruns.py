@@ -108,3 +108,18 @@ def test_a_persons_run_retried_finishes_what_its_first_attempt_left_and_redoes_n
     assert CALLS == [done_first, flaky]  # each rendered once: the retry took only the one left
     for cid in (done_first, flaky):
         assert row_of(db, "clip", cid).state == "pending_review"
+
+
+def test_a_step_of_two_stages_is_retried_when_either_part_asks_for_it():
+    """Ingest and splice share a step: a splice item's transient error is retried even when an
+    ingest item of the same run failed for good (else that item would wait in its input state for a
+    retry that never comes); two final failures keep the first."""
+    from heaters_dagster.assets.factory import TransientStageError, UnfinishedItemsError, step_error
+
+    final, retry, unfinished = dg.Failure("ingest: 1 failed"), TransientStageError("splice"), UnfinishedItemsError("x")
+    assert step_error(None, None) is None
+    assert step_error(final, None) is final and step_error(None, retry) is retry
+    assert step_error(final, retry) is retry and step_error(retry, final) is retry
+    assert step_error(final, unfinished) is unfinished
+    other = dg.Failure("splice: 1 failed")
+    assert step_error(final, other) is final and step_error(retry, TransientStageError("b")) is retry

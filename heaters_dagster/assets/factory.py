@@ -281,6 +281,16 @@ def _run_terminated(context: dg.AssetExecutionContext) -> bool:
     return run is not None and run.status in (dg.DagsterRunStatus.CANCELING, dg.DagsterRunStatus.CANCELED)
 
 
+def step_error(first: Exception | None, then: Exception | None) -> Exception | None:
+    """What a step of several stages raises: the first part's error, unless a later part's asks
+    for a retry and the first's does not (a splice item's transient error must still be retried
+    when an ingest item of the same run failed for good: the retry skips what is done)."""
+    retryable = (TransientStageError, UnfinishedItemsError)
+    if first is None or (isinstance(then, retryable) and not isinstance(first, retryable)):
+        return then
+    return first
+
+
 def _not_done(report: BatchReport) -> set[int]:
     """Items a stage did not finish in this attempt: the stages after it in the step leave them alone."""
     return {*report.permanent, *report.transient, *report.refused, *report.unfinished, *report.lost, *report.held}
@@ -341,7 +351,7 @@ def build_stage_asset(group: "Stage | tuple[Stage, ...]") -> dg.AssetsDefinition
                     continue
                 report, err = yield from _stage_part(context, stage, todo, explicit)
                 skip |= _not_done(report)
-                error = error or err
+                error = step_error(error, err)
         except (KeyboardInterrupt, DagsterExecutionInterruptedError) as exc:
             # The items were handed back (executor). Dagster turns an interruption inside an op
             # with a RetryPolicy into a retry; with the in-process executor the retry then runs in

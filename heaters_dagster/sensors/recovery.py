@@ -11,8 +11,10 @@
   run terminated from the UI ends canceled. The items of such a run that died before its step
   started (a worker that could not start, run monitoring's start timeout, a run canceled in the
   queue), which it never claimed, get a new version too, so their
-  sensor requests them again; while Dagster will retry the run (``dagster/will_retry``), the
-  retry covers them instead.
+  sensor requests them again, and so do the items it sent back after a transient error for a step
+  retry that will not come (the run died in the retry's backoff, was terminated, or failed on
+  another item); while Dagster will retry the run (``dagster/will_retry``), the retry covers them
+  instead.
 
 * ``store_hygiene_sensor`` (every ``HEATERS_HYGIENE_INTERVAL_S``, 30 min) removes what a kill
   between storing files and committing their rows leaves behind: store files no row references and
@@ -33,7 +35,7 @@ from dagster._core.storage.tags import (ASSET_PARTITION_RANGE_END_TAG, ASSET_PAR
 from dagster._core.storage.dagster_run import NOT_FINISHED_STATUSES
 
 from heaters_dagster import leases
-from heaters_dagster.assets.factory import job_name
+from heaters_dagster.assets.factory import chained, job_name
 from heaters_dagster.resources.database import DatabaseResource
 from heaters_dagster.resources.storage import StorageResource
 from heaters_dagster.settings import get_settings
@@ -112,6 +114,23 @@ def unclaimed_items_of(instance: dg.DagsterInstance, run: dg.DagsterRun) -> tupl
     return stage, sorted(int(k) for k in mine if k.isdigit())
 
 
+def transient_items_no_retry_takes(instance: dg.DagsterInstance, session: object, stage: Stage,
+                                   run: dg.DagsterRun) -> list[int]:
+    """The items of a dead stage run whose last result is a transient error in that run: the
+    executor sent them back at their requested version for the step's retry, which will not come
+    now (the run died in the retry's backoff, or was terminated, or failed on another item's
+    permanent error). Empty while Dagster will retry the run, whose re-executed step takes them;
+    less those another unfinished run of the stage covers."""
+    fresh = instance.get_run_by_id(run.run_id) or run
+    if fresh.tags.get(WILL_RETRY_TAG) == "true":
+        return []
+    left = leases.left_after_transient_errors(session, stage, run.run_id)  # type: ignore[arg-type]
+    if not left:
+        return []
+    covered = covered_by_unfinished_runs(instance, stage, but=run.run_id)
+    return [i for i in left if str(i) not in covered]
+
+
 def covered_by_unfinished_runs(instance: dg.DagsterInstance, stage: Stage,
                                keys_in_order: Callable[[], Sequence[str]] | None = None,
                                but: str | None = None) -> set[str]:
@@ -125,14 +144,21 @@ def covered_by_unfinished_runs(instance: dg.DagsterInstance, stage: Stage,
 def release_run_items(database: DatabaseResource, run: dg.DagsterRun, reason: str, log: object,
                       instance: dg.DagsterInstance | None = None) -> list:
     """The run is dead: its claimed items go back at once (new version, counted as lost), and, with
-    ``instance``, so do the items it covered but never claimed, which would otherwise sit in their
-    input state at the version their sensor already requested, never requested again."""
+    ``instance``, so do the items it covered but never claimed and the items it sent back after a
+    transient error for a step retry that will not come: both would otherwise sit in their input
+    state at the version their sensor already requested, never requested again."""
     stage, unclaimed = unclaimed_items_of(instance, run) if instance is not None else (None, [])
     with database.session() as session:
         released = leases.release_run(session, run.run_id, reason)
         if stage is not None and unclaimed:
             released += leases.release_unclaimed(session, stage, unclaimed, run_id=run.run_id,
                                                  reason=f"{reason}; before it claimed this {stage.entity}")
+        for part in ((stage, *chained(stage)) if stage is not None and instance is not None else ()):
+            left = transient_items_no_retry_takes(instance, session, part, run)
+            if left:
+                released += leases.release_unclaimed(
+                    session, part, left, run_id=run.run_id, error_type="RunDiedAfterTransientError",
+                    reason=f"{reason}; after a transient error, with no retry of its step to come")
     for r in released:
         getattr(log, "warning")(f"{r.kind} {r.id}: {r.from_state} -> {r.to_state}: {r.reason}")
     return released
