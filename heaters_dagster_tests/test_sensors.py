@@ -380,3 +380,41 @@ def test_a_range_reaches_over_clips_still_upstream_so_a_waiting_run_takes_them(d
             transition(s, "clip", cid, "pending_review", "review_approved")
     work, others = defs.resources["executor"].stage_work(keyframes, [int(k) for k in _range_keys(req, instance)])
     assert work == ids[:5] and others == []  # what the asset hands the executor to claim when the run starts
+
+
+def test_reach_ranges_reach_back_and_on_within_the_budget_walls_and_each_others_ranges():
+    from heaters_dagster.sensors.factory import reach_ranges
+
+    keys = [str(i) for i in range(1, 11)]
+    chunks = [["3", "4"], ["8"]]
+    upstream = {"1", "2", "5", "6", "7", "9"}
+    assert reach_ranges(keys, chunks, upstream, 100) == [("1", "7"), ("8", "9")]
+    assert reach_ranges(keys, chunks, upstream, 100, barriers=["2"]) == [("3", "7"), ("8", "9")]
+    assert reach_ranges(keys, chunks, upstream, 3) == [("1", "5"), ("6", "9")]  # back first, then on
+    assert reach_ranges(keys, chunks, set(), 100) == [("3", "4"), ("8", "8")]
+    # a later chunk never reaches back into an earlier chunk's range
+    assert reach_ranges(keys, [["3"], ["6"]], {"4", "5"}, 100) == [("3", "5"), ("6", "6")]
+
+
+def test_a_range_reaches_back_over_clips_an_upstream_run_is_still_finishing(db, instance, monkeypatch, defs):
+    """The sprite run finishes clips out of order: the first approved clips come after one it is
+    still rendering. The keyframes range starts back at that clip (not over another run's work), so
+    when the run starts it claims it too instead of leaving it to a run of its own."""
+    monkeypatch.delenv("HEATERS_BATCH_WAIT_S", raising=False)
+    keyframes = get_stage("keyframes")
+    vid = make_video(db)
+    states = ["generating_sprite", "review_skipped", "pending_review", "review_approved", "review_approved",
+              "spliced"]
+    ids = [make_clips(db, vid, [(i * 24, i * 24 + 24)], state=st)[0] for i, st in enumerate(states)]
+    instance.add_dynamic_partitions("clips", [str(i) for i in ids])
+    (req,) = _batch_tick(instance, db, None, now=0.0, stage=keyframes).run_requests
+    assert _partitions(req) == [str(ids[0]), str(ids[5])] and req.tags["heaters/items"] == "2"
+    (short,) = _batch_tick(instance, db, None, now=0.0, stage=dataclasses.replace(keyframes, max_gap=2)).run_requests
+    assert _partitions(short) == [str(ids[2]), str(ids[5])]
+    with db.session() as s:  # another run is keyframing clip 1: no range reaches back over its work
+        s.execute(text("UPDATE clips SET state = 'keyframing' WHERE id = :id"), {"id": ids[1]})
+    (walled,) = _batch_tick(instance, db, None, now=0.0, stage=keyframes).run_requests
+    assert _partitions(walled) == [str(ids[2]), str(ids[5])]
+    monkeypatch.setenv("HEATERS_RANGE_REACH", "0")
+    (plain,) = _batch_tick(instance, db, None, now=0.0, stage=keyframes).run_requests
+    assert _partitions(plain) == [str(ids[3]), str(ids[4])]

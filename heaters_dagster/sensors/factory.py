@@ -14,8 +14,10 @@ the UI). ``max_gap=0`` requests ranges of ready items only.
 While a run of the stage is still queued or starting, newly ready items wait for it to start (a
 run requested now would only queue behind it); a full batch goes at once. A range of a bridging
 stage also *reaches* on over the items that follow it and are still upstream of the stage
-(``HEATERS_RANGE_REACH``): the run claims what is ready when it starts, so the clips a long sprite
-run approves while a keyframes run waits for the ffmpeg pool go in that run, not in one of their own.
+(``HEATERS_RANGE_REACH``), and back over those just before it (the clips the upstream run is still
+finishing when the first ones after them are ready): the run claims what is ready when it starts,
+so the clips a long sprite run approves while a keyframes run waits for the ffmpeg pool go in that
+run, not in one of their own.
 
 Nothing is requested twice: the cursor remembers ``id -> version`` for every item requested and
 not yet finished; an item is requested again only when its version changes (a deliberate
@@ -103,17 +105,18 @@ REQUESTED_BY_TAG = "heaters/requested_by"
 
 
 def run_request_for(stage: Stage, chunk: list[str], versions: dict[str, int],
-                    end: str | None = None) -> dg.RunRequest:
-    """The run for ``chunk`` (ready keys in partition order): one partition, or the range from its
-    first key to ``end`` (its last key unless the range reaches further: :func:`reach_ends`)."""
+                    end: str | None = None, *, start: str | None = None) -> dg.RunRequest:
+    """The run for ``chunk`` (ready keys in partition order): one partition, or the range from
+    ``start`` to ``end`` (its first and last key unless the range reaches further: :func:`reach_ranges`)."""
     end = end or chunk[-1]
-    if len(chunk) == 1 and end == chunk[0]:
+    start = start or chunk[0]
+    if len(chunk) == 1 and start == end == chunk[0]:
         return dg.RunRequest(run_key=stage.run_key(int(chunk[0]), versions[chunk[0]]), partition_key=chunk[0],
                              tags={"heaters/stage": stage.name, REQUESTED_BY_TAG: "sensor"})
     digest = hashlib.sha1(",".join(f"{k}:{versions[k]}" for k in chunk).encode()).hexdigest()[:12]
     return dg.RunRequest(
-        run_key=f"{stage.name}:{chunk[0]}-{end}:{digest}",
-        tags={ASSET_PARTITION_RANGE_START_TAG: chunk[0], ASSET_PARTITION_RANGE_END_TAG: end,
+        run_key=f"{stage.name}:{start}-{end}:{digest}",
+        tags={ASSET_PARTITION_RANGE_START_TAG: start, ASSET_PARTITION_RANGE_END_TAG: end,
               "heaters/stage": stage.name, "heaters/items": str(len(chunk)), REQUESTED_BY_TAG: "sensor"},
     )
 
@@ -161,38 +164,51 @@ def upstream_states(stage: Stage) -> tuple[str, ...]:
     return tuple(st for st in dict.fromkeys(states) if st not in own)
 
 
-def reach_ends(keys_in_order: Sequence[str], chunks: list[list[str]], reachable: set[str], max_gap: int,
-               barriers: Iterable[str] = ()) -> list[str]:
-    """Where each chunk's range ends: on past its last key over the following keys, up to the last
-    of them in ``reachable`` (items still upstream of the stage), within the chunk's ``max_gap``
-    budget of other keys, never over a barrier (another run's work) or into the next chunk."""
+def reach_ranges(keys_in_order: Sequence[str], chunks: list[list[str]], reachable: set[str], max_gap: int,
+                 barriers: Iterable[str] = ()) -> list[tuple[str, str]]:
+    """Where each chunk's range starts and ends: back before its first key and on past its last
+    over the neighbouring keys, to the farthest of them in ``reachable`` (items still upstream of
+    the stage), within the chunk's ``max_gap`` budget of other keys (back first: the items an
+    upstream run is still finishing before the first ready ones, which would otherwise straggle
+    into a run of their own), never over a barrier (another run's work) or into another chunk's
+    range."""
     pos = {k: i for i, k in enumerate(keys_in_order)}
     walls = {pos[b] for b in barriers if b in pos}
-    ends: list[str] = []
+    ranges: list[tuple[str, str]] = []
+    floor = 0  # the first position no earlier range covers
     for n, chunk in enumerate(chunks):
         first, last = pos[chunk[0]], pos[chunk[-1]]
-        budget = max_gap - ((last - first + 1) - len(chunk))
+        budget = max(max_gap - ((last - first + 1) - len(chunk)), 0)
+        start = first
+        for j in range(first - 1, max(floor, first - budget) - 1, -1):
+            if j in walls:
+                break
+            if keys_in_order[j] in reachable:
+                start = j
+        budget -= first - start
         stop = pos[chunks[n + 1][0]] if n + 1 < len(chunks) else len(keys_in_order)
         end = last
-        for j in range(last + 1, min(stop, last + 1 + max(budget, 0))):
+        for j in range(last + 1, min(stop, last + 1 + budget)):
             if j in walls:
                 break
             if keys_in_order[j] in reachable:
                 end = j
-        ends.append(keys_in_order[end])
-    return ends
+        ranges.append((keys_in_order[start], keys_in_order[end]))
+        floor = end + 1
+    return ranges
 
 
 def reachable_keys(database: DatabaseResource, stage: Stage, keys_in_order: Sequence[str],
                    chunks: list[list[str]]) -> set[str]:
-    """The keys within ``max_gap`` after each chunk whose items are still upstream of the stage
-    (one query over those keys only)."""
+    """The keys within ``max_gap`` before and after each chunk whose items are still upstream of
+    the stage (one query over those keys only)."""
     states = upstream_states(stage)
     if not states or not chunks:
         return set()
     pos = {k: i for i, k in enumerate(keys_in_order)}
     candidates = {int(k) for chunk in chunks
-                  for k in keys_in_order[pos[chunk[-1]] + 1:pos[chunk[-1]] + 1 + stage.max_gap]}
+                  for k in (*keys_in_order[max(pos[chunk[0]] - stage.max_gap, 0):pos[chunk[0]]],
+                            *keys_in_order[pos[chunk[-1]] + 1:pos[chunk[-1]] + 1 + stage.max_gap])}
     if not candidates:
         return set()
     model = MODELS[stage.entity]
@@ -290,11 +306,11 @@ def evaluate_stage_sensor(context: Any, stage: Stage, database: DatabaseResource
     busy = live - set(ready)  # requested and not started, or in flight: another run's work
     chunks = contiguous_chunks(order, list(ready), partitions_per_run(stage), stage.max_gap,
                                barriers=busy)[:MAX_RUNS_PER_TICK]
-    ends = [c[-1] for c in chunks]
+    ranges = [(c[0], c[-1]) for c in chunks]
     if chunks and stage.max_gap > 0 and range_reach():
-        ends = reach_ends(order, chunks, reachable_keys(database, stage, order, chunks), stage.max_gap,
-                          barriers=busy)
-    requests = [run_request_for(stage, chunk, ready, end) for chunk, end in zip(chunks, ends)]
+        ranges = reach_ranges(order, chunks, reachable_keys(database, stage, order, chunks), stage.max_gap,
+                              barriers=busy)
+    requests = [run_request_for(stage, chunk, ready, end, start=start) for chunk, (start, end) in zip(chunks, ranges)]
     for chunk in chunks:
         for k in chunk:
             cursor.requested[k] = ready[k]
