@@ -418,3 +418,33 @@ def test_a_range_reaches_back_over_clips_an_upstream_run_is_still_finishing(db, 
     monkeypatch.setenv("HEATERS_RANGE_REACH", "0")
     (plain,) = _batch_tick(instance, db, None, now=0.0, stage=keyframes).run_requests
     assert _partitions(plain) == [str(ids[3]), str(ids[4])]
+
+
+def test_ready_clips_in_the_range_of_a_working_run_are_left_to_it(db, instance, monkeypatch):
+    """A keyframes run is working on a range when another clip of that range is approved: the
+    sensor does not request a run of its own for it (the working run takes it when its work is
+    done); once that run has ended, the clip is requested at the next tick if it is still ready."""
+    from dagster._core.test_utils import create_run_for_test
+
+    from heaters_dagster.assets.factory import job_name
+
+    monkeypatch.delenv("HEATERS_BATCH_WAIT_S", raising=False)
+    keyframes = get_stage("keyframes")
+    vid = make_video(db)
+    a, b, c, outside = [make_clips(db, vid, [(i * 24, i * 24 + 24)], state="review_approved")[0] for i in range(4)]
+    instance.add_dynamic_partitions("clips", [str(i) for i in (a, b, c, outside)])
+    with db.session() as s:  # the run claimed a; c is in its range, now approved
+        transition(s, "clip", a, "review_approved", "keyframing")
+    working = create_run_for_test(instance, job_name=job_name(keyframes), status=dg.DagsterRunStatus.STARTED,
+                                  tags={ASSET_PARTITION_RANGE_START_TAG: str(a), ASSET_PARTITION_RANGE_END_TAG: str(c),
+                                        "heaters/requested_by": "sensor"})
+    r = _batch_tick(instance, db, None, now=0.0, stage=keyframes)
+    assert _requested_ids(r, instance, keyframes) == [outside]
+    r2 = _batch_tick(instance, db, r.cursor, now=1.0, stage=keyframes)
+    assert not r2.run_requests and "left to the keyframes run" in r2.skip_reason.skip_message
+    # A person's run does not take what becomes ready in its range: no holding for it.
+    instance.report_run_canceled(working)
+    person = create_run_for_test(instance, job_name=job_name(keyframes), status=dg.DagsterRunStatus.STARTED,
+                                 tags={ASSET_PARTITION_RANGE_START_TAG: str(a), ASSET_PARTITION_RANGE_END_TAG: str(c)})
+    r3 = _batch_tick(instance, db, r2.cursor, now=2.0, stage=keyframes)
+    assert sorted(_requested_ids(r3, instance, keyframes)) == [b, c]

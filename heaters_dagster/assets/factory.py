@@ -175,17 +175,28 @@ def _stage_part(context: dg.AssetExecutionContext, stage: Stage, ids: list[int],
     returns its report and the error the step must raise for it (None when clean)."""
     key = dg.AssetKey(stage.asset_name)
     executor = context.resources.executor
-    work = ids
+    work, others = ids, []
     if len(ids) > 1 and not explicit:  # a sensor's range of the shared partition set may bridge items
         work, others = executor.stage_work(stage, ids)
         if others:
             context.log.info(f"[{stage.name}] {len(work)} of the range's {len(ids)} partitions are this "
                              f"stage's work; {len(others)} {stage.entity}s in other states left alone")
+    waiting = set(others)  # the range's items still upstream: those ready when the work is done go too
+
+    def top_up() -> list[int]:
+        # ... and those of its work it could not claim at first (not ready yet)
+        ready = executor.ready_among(stage, sorted(waiting | (set(report.skipped) - set(report.succeeded))))
+        waiting.difference_update(ready)
+        for i in ready:
+            report.skipped.pop(i, None)
+        return ready
+
     report = BatchReport(stage=stage.name)
     progress = executor.execute_iter(
         stage, work, getattr(context.resources, stage.io_manager_key), log=context.log,
         attempt=context.retry_number, run_id=context.run_id, step_key=stage.name,
         takeback_run_ids=_takeback_run_ids(context), explicit=explicit, report=report,
+        top_up=top_up if others and get_settings().range_reach else None,
     )
     stream = get_settings().stream_events
     held: list[Committed] = []  # committed, not yet recorded

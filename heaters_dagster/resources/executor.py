@@ -28,7 +28,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Generator, Optional, Protocol
 
@@ -45,6 +45,17 @@ from heaters_dagster.resources.storage import StorageResource
 from heaters_dagster.stages import Stage, get_stage
 from heaters_dagster.state_machine import transition
 from heaters_dagster.storage import ArtifactStore
+
+
+# How many times a run takes the items of its range that became ready while it worked (top_up).
+MAX_TOP_UPS = 20
+
+
+@dataclass
+class _Told:
+    """What a step has been told was committed (across the rounds of a top-up)."""
+    ids: set[int] = field(default_factory=set)
+    new_clips: int = 0
 
 
 class Persister(Protocol):
@@ -120,6 +131,7 @@ class StageExecutor(dg.ConfigurableResource):
         takeback_run_ids: tuple[str, ...] = (),
         explicit: bool = False,
         report: BatchReport | None = None,
+        top_up: Callable[[], list[int]] | None = None,
     ) -> Generator[Committed, None, BatchReport]:
         """The stage's work over ``item_ids``. While the items are worked on, yields the ones committed
         since the last yield (a ``Committed``), so the caller can record them (Dagster events) while the
@@ -133,44 +145,56 @@ class StageExecutor(dg.ConfigurableResource):
         is reported as refused, with the reason, instead of being skipped quietly.
 
         ``report``: the caller's (empty) report to fill, so that after an interruption it still
-        sees what was committed before the work stopped."""
+        sees what was committed before the work stopped.
+
+        ``top_up``: when the claimed items are done, called for more item ids (items of the run's
+        range that became ready while it worked, for example clips a reviewer approved meanwhile);
+        those that can be claimed are done in the same way, until it returns none (at most
+        ``MAX_TOP_UPS`` times). A run of their own would only have queued behind this one."""
         report = report if report is not None else BatchReport(stage=stage.name)
         who = leases.Claimant(owner=leases.owner_token(run_id, step_key or stage.name, attempt), run_id=run_id,
                               takeback_run_ids=tuple(r for r in (run_id, *takeback_run_ids) if r))
         claimed = self._claim(stage, item_ids, who, report, log, explicit=explicit)
-        if not claimed:
-            return report
-        heartbeat = Heartbeat(self.database, stage, who.owner, claimed, log)
-        heartbeat.start()
-        try:
-            return (yield from self._execute_claimed(stage, claimed, persister, who, heartbeat, report, log, attempt,
-                                                     run_id))
-        finally:
-            heartbeat.stop()
+        told = _Told()
+        rounds = 0
+        while claimed:
+            heartbeat = Heartbeat(self.database, stage, who.owner, claimed, log)
+            heartbeat.start()
+            try:
+                yield from self._execute_claimed(stage, claimed, persister, who, heartbeat, report, log, attempt,
+                                                 run_id, told)
+            finally:
+                heartbeat.stop()
+            if top_up is None or rounds >= MAX_TOP_UPS:
+                break
+            rounds += 1
+            more = top_up()
+            claimed = self._claim(stage, more, who, report, log) if more else []
+            if claimed:
+                log.info(f"[{stage.name}] {len(claimed)} more {stage.entity}s of the run's range became ready "
+                         f"while it worked: taking them too ({', '.join(map(str, claimed[:20]))})")
+        return report
 
     def _execute_claimed(self, stage: Stage, claimed: list[int], persister: Persister, who: leases.Claimant,
                          heartbeat: "Heartbeat", report: BatchReport, log: Any, attempt: int,
-                         run_id: str | None) -> Generator[Committed, None, BatchReport]:
+                         run_id: str | None, told: "_Told") -> Generator[Committed, None, BatchReport]:
         with self.database.session() as session:
             snapshots = load_snapshots(session, stage.entity, claimed)
         store = self.storage.store
         params = self.params_for(stage)
         final_attempt = attempt >= stage.max_retries
         lock = threading.Lock()
-        told: set[int] = set()
-        new_clips_told = 0
         interrupted = threading.Event()  # set before the children of running items are killed
 
         def committed() -> "Committed | None":
             """The items committed since the last call (None: none)."""
-            nonlocal new_clips_told
             with lock:
-                fresh = [i for i in report.succeeded if i not in told]
+                fresh = [i for i in report.succeeded if i not in told.ids]
                 if not fresh:
                     return None
-                told.update(fresh)
-                new_clips = tuple(report.new_clip_ids[new_clips_told:])
-                new_clips_told = len(report.new_clip_ids)
+                told.ids.update(fresh)
+                new_clips = tuple(report.new_clip_ids[told.new_clips:])
+                told.new_clips = len(report.new_clip_ids)
                 return Committed({i: report.succeeded[i] for i in fresh},
                                  {i: report.durations.get(i, 0.0) for i in fresh}, new_clips)
 
@@ -274,6 +298,20 @@ class StageExecutor(dg.ConfigurableResource):
         except Exception as db_exc:  # noqa: BLE001 - best effort while shutting down; the lease expires
             log.error(f"[{stage.name}] could not release {todo} after interruption ({db_exc}); "
                       f"their leases expire and the recovery sensor returns them")
+
+    def ready_among(self, stage: Stage, item_ids: list[int]) -> list[int]:
+        """Those of ``item_ids`` that are in the stage's input state and ready now (one query)."""
+        if not item_ids:
+            return []
+        from sqlalchemy import bindparam
+
+        ready = f"({stage.ready_sql})" if stage.ready_sql else "true"
+        with self.database.session() as session:
+            rows = session.execute(text(
+                f"SELECT id FROM {leases.TABLES[stage.entity]} WHERE id IN :ids AND state IN :inputs AND {ready} "
+                "ORDER BY id").bindparams(bindparam("ids", expanding=True), bindparam("inputs", expanding=True)),
+                {"ids": list(item_ids), "inputs": list(stage.input_states)}).all()
+        return [int(r.id) for r in rows]
 
     def stage_work(self, stage: Stage, item_ids: list[int]) -> tuple[list[int], list[int]]:
         """Split a run's partitions into this stage's work (in an input or the in-progress state,

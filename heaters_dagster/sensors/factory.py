@@ -131,6 +131,21 @@ def waiting_run(context: Any, stage: Stage) -> "dg.DagsterRun | None":
     return runs[0] if runs else None
 
 
+def ranges_of_working_runs(instance: dg.DagsterInstance, stage: Stage) -> set[str]:
+    """The partitions of the stage's sensor-requested runs that have started: each takes the items
+    of its range that become ready while it works (``executor.execute_iter``'s top-up)."""
+    import functools
+
+    from heaters_dagster.sensors.recovery import run_partition_keys
+
+    runs = instance.get_runs(filters=dg.RunsFilter(job_name=job_name(stage), statuses=[dg.DagsterRunStatus.STARTED],
+                                                   tags={REQUESTED_BY_TAG: "sensor"}))
+    if not runs:
+        return set()
+    order = functools.cache(lambda: instance.get_dynamic_partitions(stage.partitions_name))
+    return {k for run in runs for k in run_partition_keys(run, order)}
+
+
 def upstream_busy(database: DatabaseResource, stage: Stage) -> bool:
     """Whether a stage upstream of ``stage`` (same entity) has items ready for it or in progress."""
     model = MODELS[stage.entity]
@@ -264,6 +279,12 @@ def evaluate_stage_sensor(context: Any, stage: Stage, database: DatabaseResource
         covered = covered_by_unfinished_runs(context.instance, head)
         ready = {k: v for k, v in ready.items() if k not in covered}
     cursor.requested = {k: v for k, v in cursor.requested.items() if k in live}
+    topping_up: set[str] = set()
+    if ready and stage.max_gap > 0 and range_reach():
+        # Items in the range of a run of the stage that is working: it takes those ready when its
+        # work is done (the asset's top-up), so a run of their own would only queue behind it.
+        topping_up = {k for k in ready if k in ranges_of_working_runs(context.instance, stage)}
+        ready = {k: v for k, v in ready.items() if k not in topping_up}
 
     # Batching: while this stage has work in flight (a run requested or running), collect newly
     # ready items over a short window, so items that become ready over several ticks (approvals,
@@ -318,7 +339,9 @@ def evaluate_stage_sensor(context: Any, stage: Stage, database: DatabaseResource
     cursor.waiting_since = None if len(ready) == sum(map(len, chunks)) else cursor.waiting_since
     partition_requests = [dg.AddDynamicPartitionsRequest(stage.partitions_name, new_keys)] if new_keys else []
     if not requests:
-        return dg.SensorResult(skip_reason=dg.SkipReason(f"no {stage.entity}s ready for {stage.name}"),
+        why = (f"{len(topping_up)} ready {stage.entity}s left to the {stage.name} run working on their range"
+               if topping_up else f"no {stage.entity}s ready for {stage.name}")
+        return dg.SensorResult(skip_reason=dg.SkipReason(why),
                                dynamic_partitions_requests=partition_requests, cursor=cursor.dump())
     return dg.SensorResult(run_requests=requests, dynamic_partitions_requests=partition_requests,
                            cursor=cursor.dump())
