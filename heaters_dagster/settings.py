@@ -208,10 +208,11 @@ class Settings(BaseSettings):
         "a step subprocess of its own: one process launch and import less per run (0: the multiprocess "
         "executor)", "on")
     range_reach: bool = _setting(
-        True, "stage sensors of stages that bridge (`max_gap`): a requested range reaches on over the following "
-        "items still upstream of the stage, so a run that waits in the queue takes, when it starts, those that "
-        "became ready meanwhile (approvals during a long sprite run) instead of leaving them to a run of their "
-        "own (0: ranges end at the last ready item)", "on")
+        True, "stage sensors of stages that bridge (`max_gap`): a requested range reaches back and on over the "
+        "neighbouring items still upstream of the stage, so a run that waits in the queue takes, when it starts, "
+        "those that became ready meanwhile (approvals during a long sprite run), and a working run takes, when its "
+        "items are done, those of its range that became ready while it worked, instead of leaving them to a run "
+        "of their own (0: ranges cover the ready items only, and a run does what was ready when it started)", "on")
     chain_stages: bool = _setting(
         True, "a stage with `runs_after` in the stage table (splice after ingest) runs in the same step as that "
         "stage, right after it, on the items it finished: one sensor tick and run launch less per video (0: "

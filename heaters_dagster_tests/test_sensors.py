@@ -448,3 +448,11 @@ def test_ready_clips_in_the_range_of_a_working_run_are_left_to_it(db, instance, 
                                  tags={ASSET_PARTITION_RANGE_START_TAG: str(a), ASSET_PARTITION_RANGE_END_TAG: str(c)})
     r3 = _batch_tick(instance, db, r2.cursor, now=2.0, stage=keyframes)
     assert sorted(_requested_ids(r3, instance, keyframes)) == [b, c]
+    # A sensor's run still starting holds them too (it claims what is ready when it starts).
+    (late,) = make_clips(db, vid, [(96, 120)], state="review_approved")
+    instance.add_dynamic_partitions("clips", [str(late)])
+    create_run_for_test(instance, job_name=job_name(keyframes), status=dg.DagsterRunStatus.STARTING,
+                        tags={ASSET_PARTITION_RANGE_START_TAG: str(c), ASSET_PARTITION_RANGE_END_TAG: str(late),
+                              "heaters/requested_by": "sensor"})
+    r4 = _batch_tick(instance, db, r3.cursor, now=3.0, stage=keyframes)
+    assert not r4.run_requests and "left to the keyframes run" in r4.skip_reason.skip_message

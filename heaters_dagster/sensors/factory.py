@@ -131,14 +131,22 @@ def waiting_run(context: Any, stage: Stage) -> "dg.DagsterRun | None":
     return runs[0] if runs else None
 
 
-def ranges_of_working_runs(instance: dg.DagsterInstance, stage: Stage) -> set[str]:
-    """The partitions of the stage's sensor-requested runs that have started: each takes the items
-    of its range that become ready while it works (``executor.execute_iter``'s top-up)."""
+# A run in these takes the items of its range that are ready when it starts or become ready while
+# it works. (Queued and starting too: a tick that saw the run starting when it looked for working
+# runs, and started when it looked for waiting ones, requested a run the top-up then left empty.)
+LIVE_STATUSES = (dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
+                 dg.DagsterRunStatus.STARTED)
+
+
+def ranges_of_live_runs(instance: dg.DagsterInstance, stage: Stage) -> set[str]:
+    """The partitions of the stage's sensor-requested runs that are queued, starting or working:
+    each takes the items of its range that are ready when it starts, or become ready while it
+    works (``executor.execute_iter``'s top-up)."""
     import functools
 
     from heaters_dagster.sensors.recovery import run_partition_keys
 
-    runs = instance.get_runs(filters=dg.RunsFilter(job_name=job_name(stage), statuses=[dg.DagsterRunStatus.STARTED],
+    runs = instance.get_runs(filters=dg.RunsFilter(job_name=job_name(stage), statuses=list(LIVE_STATUSES),
                                                    tags={REQUESTED_BY_TAG: "sensor"}))
     if not runs:
         return set()
@@ -281,9 +289,10 @@ def evaluate_stage_sensor(context: Any, stage: Stage, database: DatabaseResource
     cursor.requested = {k: v for k, v in cursor.requested.items() if k in live}
     topping_up: set[str] = set()
     if ready and stage.max_gap > 0 and range_reach():
-        # Items in the range of a run of the stage that is working: it takes those ready when its
-        # work is done (the asset's top-up), so a run of their own would only queue behind it.
-        topping_up = {k for k in ready if k in ranges_of_working_runs(context.instance, stage)}
+        # Items in the range of a run of the stage that is queued or working: it takes those ready
+        # when it starts, or when its work is done (the asset's top-up), so a run of their own
+        # would only queue behind it.
+        topping_up = {k for k in ready if k in ranges_of_live_runs(context.instance, stage)}
         ready = {k: v for k, v in ready.items() if k not in topping_up}
 
     # Batching: while this stage has work in flight (a run requested or running), collect newly
